@@ -1,0 +1,1 @@
+"""Code shared by every script: typed configs, the data schema, tokenization, model loading."""

@@ -1,0 +1,81 @@
+"""Loading tokenizers and causal LMs (local paths, hub names, or the embedded `tiny`)."""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from common.config import ConfigError, doc
+from common.tiny import TINY_NAME, ensure_tiny
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = doc(TINY_NAME, "model directory, hub name, or 'tiny' (built offline)")
+    tokenizer: str = doc("", "tokenizer path or name (default: same as the model)")
+    dtype: str = doc("float32", "weights dtype: float32 | bfloat16 | float16")
+    attn_implementation: str = doc(
+        "auto", "auto (flash_attention_2 when installed on CUDA, else sdpa) | sdpa | eager | ..."
+    )
+    liger: bool = doc(True, "apply liger-kernel RMSNorm/RoPE/SwiGLU patches when installed (CUDA)")
+
+    def __post_init__(self):
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"model.dtype must be one of {list(DTYPES)}, got '{self.dtype}'")
+
+
+def resolve(name_or_path: str) -> str:
+    return str(ensure_tiny()) if name_or_path == TINY_NAME else name_or_path
+
+
+def load_tokenizer(cfg: ModelConfig):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(resolve(cfg.tokenizer or cfg.name_or_path))
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def attention_path(requested: str, device: torch.device) -> str:
+    """The attention implementation to use, and why. Packed sequences are exact on every path
+    that transformers supports with `position_ids` (flash-attn varlen, sdpa, eager)."""
+    if requested != "auto":
+        return requested
+    if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def load_model(cfg: ModelConfig, device: torch.device | str = "cpu", *, log=print):
+    from transformers import AutoModelForCausalLM
+
+    device = torch.device(device)
+    attn = attention_path(cfg.attn_implementation, device)
+    path = resolve(cfg.name_or_path)
+    if cfg.liger and device.type == "cuda":
+        _apply_liger(path, log)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[cfg.dtype], attn_implementation=attn)
+    log(f"model {cfg.name_or_path} ({Path(path).name}): attention path = {attn}, dtype = {cfg.dtype}")
+    return model
+
+
+def _apply_liger(path: str, log) -> None:
+    """Liger's fused RMSNorm/RoPE/SwiGLU; never its loss (our log-prob kernel replaces it)."""
+    if importlib.util.find_spec("liger_kernel") is None:
+        return
+    from liger_kernel.transformers import _apply_liger_kernel
+    from transformers import AutoConfig
+
+    model_type = AutoConfig.from_pretrained(path).model_type
+    try:
+        _apply_liger_kernel(model_type, rope=True, rms_norm=True, swiglu=True,
+                            cross_entropy=False, fused_linear_cross_entropy=False)
+        log(f"liger-kernel patches applied for {model_type}")
+    except Exception as err:  # unsupported architecture: run without
+        log(f"liger-kernel not applied ({err})")

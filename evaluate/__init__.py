@@ -1,0 +1,1 @@
+"""Evaluation of trained policies against their reference."""

@@ -1,0 +1,1 @@
+"""SLURM launchers for training and generation."""

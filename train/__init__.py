@@ -1,0 +1,1 @@
+"""A lean Accelerate training loop for SFT, QRPO and the baselines (see train/train.py)."""

@@ -1,0 +1,22 @@
+"""`python -m train --config FILE [key=value ...]` (or under `accelerate launch -m train`)."""
+
+import sys
+
+from common.config import ConfigError, parse_config
+from common.data import DataError
+from train.config import TrainConfig
+from train.train import TrainingError, train
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg = parse_config(TrainConfig, argv, prog="python -m train",
+                       description="Train a policy with SFT, QRPO or a baseline.")
+    try:
+        train(cfg)
+    except (ConfigError, DataError, TrainingError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,117 @@
+"""The training configuration tree (one dataclass per section, a doc per field)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from common.config import ConfigError, doc, sub
+from common.data import DataConfig
+from common.model import ModelConfig
+
+ALGORITHMS = ("sft", "qrpo", "dpo", "simpo", "rebel", "kto", "dro", "rpo_partition")
+PAIR_ALGORITHMS = ("dpo", "simpo", "rebel")
+REFERENCE_FREE = ("sft", "simpo")
+
+
+@dataclass
+class LossConfig:
+    algorithm: str = doc("qrpo", f"one of {', '.join(ALGORITHMS)}")
+    beta: float = doc(1e-2, "QRPO/DPO/REBEL/KTO beta (SimPO: its beta)")
+    length_normalized: bool = doc(False, "QRPO: beta_eff = beta/|y| per sample, clamped at max_beta")
+    max_beta: float = doc(0.1, "QRPO: clamp of the length-normalised beta")
+    transform: str = doc("identity", "QRPO f(q): identity|log|normal_icdf|scaled_normal_icdf|square|sqrt")
+    estimator: str = doc("inclusive", "QRPO quantile estimator: inclusive | midrank | randomized")
+    exclude_self: bool = doc(True, "QRPO: leave a completion's own reward out of its reference set")
+    loss_type: str = doc("squared", "QRPO regression loss: squared | absolute")
+    gamma: float = doc(1.0, "SimPO margin gamma (paper: gamma/beta = 0.5)")
+    tau: float = doc(1.0, "DRO / reward-partition temperature tau")
+    kto_threshold: float = doc(0.5, "KTO: a completion is desirable when reward >= this (pairs: chosen)")
+    kto_desirable_weight: float = doc(1.0, "KTO: weight of desirable examples")
+    kto_undesirable_weight: float = doc(1.0, "KTO: weight of undesirable examples")
+    value_lr: float = doc(1e-2, "DRO: learning rate of the per-prompt value table")
+    kernel_backend: str = doc("auto", "log-prob kernel: auto | triton | torch | naive")
+
+    def __post_init__(self):
+        if self.algorithm not in ALGORITHMS:
+            raise ConfigError(f"loss.algorithm must be one of {ALGORITHMS}, got '{self.algorithm}'")
+        if self.beta <= 0:
+            raise ConfigError("loss.beta must be > 0")
+        if self.kernel_backend not in ("auto", "triton", "torch", "naive"):
+            raise ConfigError("loss.kernel_backend must be auto | triton | torch | naive")
+
+
+@dataclass
+class ReferenceConfig:
+    source: str = doc("auto", "reference log-probs: data (precomputed) | model (on the fly) | auto")
+    name_or_path: str = doc("", "reference model for source=model (default: the policy's start)")
+    check_rows: int = doc(8, "rows on which precomputed log-probs are checked against the start")
+    check_tolerance: float = doc(1e-2, "largest allowed |precomputed - recomputed| in nats")
+
+    def __post_init__(self):
+        if self.source not in ("auto", "data", "model"):
+            raise ConfigError(f"ref.source must be auto | data | model, got '{self.source}'")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = doc(1e-6, "peak learning rate (AdamW)")
+    weight_decay: float = doc(0.0, "AdamW weight decay")
+    betas: list = doc([0.9, 0.999], "AdamW betas")
+    eps: float = doc(1e-8, "AdamW eps")
+    scheduler: str = doc("cosine", "transformers get_scheduler name")
+    warmup_ratio: float = doc(0.1, "warm-up steps as a fraction of all steps")
+    max_grad_norm: float = doc(0.0, "gradient clipping norm (0: no clipping; the norm is logged)")
+
+    def __post_init__(self):
+        if self.lr <= 0:
+            raise ConfigError("optim.lr must be > 0")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ConfigError("optim.warmup_ratio must be in [0, 1)")
+
+
+@dataclass
+class RunConfig:
+    run_dir: str = doc("runs/train", "run directory: config, checkpoints, logs, final model")
+    seed: int = doc(0, "seed for init-free randomness (data order, randomized quantiles)")
+    epochs: int = doc(1, "passes over the data")
+    max_steps: int = doc(0, "stop after this many optimizer steps (0: epochs decide)")
+    global_batch: int = doc(16, "sequences per optimizer step, over all processes (pairs count 2)")
+    micro_batch_tokens: int = doc(4096, "token budget of one packed micro-batch per process")
+    mixed_precision: str = doc("no", "accelerate mixed precision: no | bf16 | fp16")
+    gradient_checkpointing: bool = doc(False, "recompute activations in backward")
+    save_every: int = doc(0, "checkpoint every N steps (0: only at the end)")
+    keep_checkpoints: int = doc(2, "complete checkpoints kept on disk")
+    log_every: int = doc(1, "log metrics every N steps")
+    trackers: list = doc(["tensorboard"], "accelerate trackers: tensorboard, wandb, ... ([] for none)")
+    project: str = doc("qrpo", "tracker project name")
+    peak_tflops: float = doc(0.0, "peak TFLOP/s for MFU (0: measure a matmul at start)")
+    plot: bool = doc(True, "write training_curves.png at the end")
+    wandb_name: Optional[str] = doc(None, "run name for wandb")
+
+    def __post_init__(self):
+        if self.global_batch < 1:
+            raise ConfigError("run.global_batch must be >= 1")
+        if self.mixed_precision not in ("no", "bf16", "fp16"):
+            raise ConfigError("run.mixed_precision must be no | bf16 | fp16")
+
+
+@dataclass
+class TrainConfig:
+    """Everything one training run needs; saved as run_dir/config.yaml."""
+
+    model: ModelConfig = sub(ModelConfig, "policy model and tokenizer")
+    data: DataConfig = sub(DataConfig, "training data")
+    loss: LossConfig = sub(LossConfig, "algorithm and its hyper-parameters")
+    ref: ReferenceConfig = sub(ReferenceConfig, "reference log-probs")
+    optim: OptimConfig = sub(OptimConfig, "optimizer and schedule")
+    run: RunConfig = sub(RunConfig, "run directory, batch, checkpoints, logging")
+
+    def __post_init__(self):
+        pairs = self.loss.algorithm in PAIR_ALGORITHMS
+        if pairs and self.run.global_batch % 2:
+            raise ConfigError("run.global_batch counts sequences: pair algorithms need an even number")
+        need = self.data.max_length * (2 if pairs else 1)
+        if self.run.micro_batch_tokens < need:
+            raise ConfigError(f"run.micro_batch_tokens={self.run.micro_batch_tokens} cannot hold one "
+                              f"example of data.max_length={self.data.max_length} (need >= {need})")

@@ -1,0 +1,188 @@
+"""Training examples, the order of global batches, and padding-free packing.
+
+An *example* is what a loss sees as one item: one sequence (SFT, QRPO, KTO, DRO,
+reward-partition) or a chosen/rejected pair (DPO, SimPO, REBEL), which always stays in one
+micro-batch. The global batch of a step is a deterministic function of (seed, step), so a resumed
+run needs only the step number to continue mid-epoch, and every process computes the same global
+batch and takes its share.
+
+A micro-batch is one row of concatenated sequences, `[1, T]`, with `position_ids` restarting at
+0 per sequence and `cu_seqlens` marking the boundaries; attention stays inside each sequence
+(flash-attn varlen, or transformers' packed-sequence mask on sdpa/eager).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from common.constants import IGNORE_INDEX
+from common.tokenize import shifted_targets
+from train.config import PAIR_ALGORITHMS, TrainConfig
+from train.losses import zscore
+
+
+@dataclass
+class Sequence:
+    """One prompt+completion with what the losses need to know about it."""
+
+    input_ids: list[int]
+    prompt_len: int
+    prompt_index: int  # index of its prompt among the data set's distinct prompts
+    reward: float = math.nan
+    ref_logp: float = math.nan
+    ref_rewards: list[float] = field(default_factory=list)
+    ref_index: int = -1  # its own position among ref_rewards, when it is a reference sample
+    desirable: bool = True  # KTO label
+
+    @property
+    def num_completion_tokens(self) -> int:
+        return len(self.input_ids) - self.prompt_len
+
+
+@dataclass
+class Example:
+    sequences: list[Sequence]  # [seq] or [chosen, rejected]
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(s.input_ids) for s in self.sequences)
+
+
+def build_examples(rows: list[dict], cfg: TrainConfig) -> list[Example]:
+    """Canonical tokenized rows -> the algorithm's examples."""
+    algo = cfg.loss.algorithm
+    prompt_index: dict[str, int] = {}
+    examples = []
+    for row in rows:
+        pi = prompt_index.setdefault(row["prompt_id"], len(prompt_index))
+
+        def seq(c: dict, desirable: bool = True) -> Sequence:
+            return Sequence(
+                input_ids=row["prompt_ids"] + c["completion_ids"],
+                prompt_len=len(row["prompt_ids"]),
+                prompt_index=pi,
+                reward=math.nan if c["reward"] is None else c["reward"],
+                ref_logp=math.nan if c.get("ref_logp") is None else c["ref_logp"],
+                ref_rewards=list(row["ref_rewards"]),
+                ref_index=c["ref_index"] if cfg.loss.exclude_self else -1,
+                desirable=desirable,
+            )
+
+        comps = row["completions"]
+        if algo in PAIR_ALGORITHMS:
+            examples.append(Example([seq(comps[row["chosen"]]), seq(comps[row["rejected"]])]))
+        elif algo == "sft":
+            use = [comps[row["chosen"]]] if row["chosen"] >= 0 else comps
+            examples.extend(Example([seq(c)]) for c in use)
+        elif algo == "kto":
+            for j, c in enumerate(comps):
+                if row["chosen"] >= 0:
+                    good = j == row["chosen"]
+                else:
+                    good = c["reward"] is not None and c["reward"] >= cfg.loss.kto_threshold
+                examples.append(Example([seq(c, desirable=good)]))
+        else:  # pointwise algorithms: every completion is a sample (pairs give two)
+            examples.extend(Example([seq(c)]) for c in comps)
+    if algo in ("dro", "rpo_partition"):
+        _zscore_rewards(examples)
+    return examples
+
+
+def _zscore_rewards(examples: list[Example]) -> None:
+    """DRO and reward partitioning standardise rewards over the training set (REFERENCE.md 3)."""
+    seqs = [s for e in examples for s in e.sequences]
+    standard = zscore(torch.tensor([s.reward for s in seqs], dtype=torch.float64)).tolist()
+    for s, r in zip(seqs, standard):
+        s.reward = r
+
+
+def sequences_per_example(cfg: TrainConfig) -> int:
+    return 2 if cfg.loss.algorithm in PAIR_ALGORITHMS else 1
+
+
+def steps_per_epoch(num_examples: int, examples_per_step: int) -> int:
+    return num_examples // examples_per_step
+
+
+def global_batch_indices(num_examples: int, examples_per_step: int, step: int, seed: int) -> list[int]:
+    """Example indices of global step `step` (0-based): a fresh permutation each epoch."""
+    per_epoch = steps_per_epoch(num_examples, examples_per_step)
+    epoch, k = divmod(step, per_epoch)
+    gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    order = torch.randperm(num_examples, generator=gen)
+    return order[k * examples_per_step : (k + 1) * examples_per_step].tolist()
+
+
+def pack(examples: list[Example], token_budget: int) -> list[list[Example]]:
+    """Greedy first-fit in order: micro-batches of at most `token_budget` tokens."""
+    batches: list[list[Example]] = []
+    used = 0
+    for ex in examples:
+        if not batches or used + ex.num_tokens > token_budget:
+            batches.append([])
+            used = 0
+        batches[-1].append(ex)
+        used += ex.num_tokens
+    return batches
+
+
+@dataclass
+class Batch:
+    """A packed micro-batch on the device; per-sequence tensors are in packing order."""
+
+    input_ids: torch.Tensor  # [1, T]
+    position_ids: torch.Tensor  # [1, T]
+    targets: torch.Tensor  # [T]
+    cu_seqlens: torch.Tensor  # [S+1] int32
+    num_tokens: torch.Tensor  # [S] completion tokens per sequence
+    rewards: torch.Tensor  # [S]
+    ref_logps: torch.Tensor  # [S] (NaN when not precomputed)
+    ref_rewards: torch.Tensor  # [S, K] padded
+    ref_mask: torch.Tensor  # [S, K] True where a reference reward exists
+    ref_index: torch.Tensor  # [S] own index in ref_rewards or -1
+    prompt_index: torch.Tensor  # [S]
+    desirable: torch.Tensor  # [S] bool
+    num_examples: int
+
+    @property
+    def total_tokens(self) -> int:
+        return self.input_ids.shape[1]
+
+
+def collate(examples: list[Example], device: torch.device | str = "cpu") -> Batch:
+    seqs = [s for e in examples for s in e.sequences]
+    ids, pos, tgt, cu = [], [], [], [0]
+    for s in seqs:
+        ids.extend(s.input_ids)
+        pos.extend(range(len(s.input_ids)))
+        tgt.extend(shifted_targets(s.input_ids, s.prompt_len))
+        cu.append(cu[-1] + len(s.input_ids))
+    k = max([len(s.ref_rewards) for s in seqs] + [1])
+    ref_rewards = torch.zeros(len(seqs), k, dtype=torch.float32)
+    ref_mask = torch.zeros(len(seqs), k, dtype=torch.bool)
+    for i, s in enumerate(seqs):
+        ref_rewards[i, : len(s.ref_rewards)] = torch.tensor(s.ref_rewards, dtype=torch.float32)
+        ref_mask[i, : len(s.ref_rewards)] = True
+
+    def t(values, dtype):
+        return torch.tensor(values, dtype=dtype, device=device)
+
+    assert all(v != IGNORE_INDEX for v in ids)
+    return Batch(
+        input_ids=t(ids, torch.long)[None],
+        position_ids=t(pos, torch.long)[None],
+        targets=t(tgt, torch.long),
+        cu_seqlens=t(cu, torch.int32),
+        num_tokens=t([s.num_completion_tokens for s in seqs], torch.float32),
+        rewards=t([s.reward for s in seqs], torch.float32),
+        ref_logps=t([s.ref_logp for s in seqs], torch.float32),
+        ref_rewards=ref_rewards.to(device),
+        ref_mask=ref_mask.to(device),
+        ref_index=t([s.ref_index for s in seqs], torch.long),
+        prompt_index=t([s.prompt_index for s in seqs], torch.long),
+        desirable=t([s.desirable for s in seqs], torch.bool),
+        num_examples=len(examples),
+    )

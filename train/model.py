@@ -1,0 +1,47 @@
+"""The policy as the losses see it: packed tokens in, one summed log-prob per sequence out.
+
+The backbone returns final hidden states; `kernels.sequence_logprobs` combines them with the LM
+head weight in tiles, so the [tokens x vocab] logits never exist. Everything happens inside this
+module's `forward()`, which is what DDP and FSDP2 wrap: under FSDP2 the head weight is gathered
+for this forward like any other parameter (no separate call outside forward, the mixed
+Tensor/DTensor trap of REFERENCE.md section 7).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import kernels
+
+
+class SequenceLogprobModel(nn.Module):
+    def __init__(self, causal_lm: nn.Module, backend: str = "auto", num_values: int = 0):
+        super().__init__()
+        self.model = causal_lm
+        self.backend = backend
+        # DRO's learned per-prompt value V(x); an empty table for every other algorithm.
+        self.values = nn.Parameter(torch.zeros(num_values)) if num_values else None
+        # FSDP auto-wrapping reads the layer classes from the wrapped model.
+        self._no_split_modules = getattr(causal_lm, "_no_split_modules", None)
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, targets: torch.Tensor,
+                cu_seqlens: torch.Tensor) -> torch.Tensor:
+        # use_cache=False: with a cache, packed sequences would see each other (REFERENCE.md 7).
+        hidden = self.model.base_model(
+            input_ids=input_ids, position_ids=position_ids, use_cache=False
+        ).last_hidden_state[0]
+        head = self.model.get_output_embeddings()
+        weight, bias = head.weight, getattr(head, "bias", None)
+        if torch.is_autocast_enabled(hidden.device.type):
+            dtype = torch.get_autocast_dtype(hidden.device.type)
+        else:
+            dtype = weight.dtype
+        # The kernel takes max/LSE/target logit from fp32 accumulators itself; autocast inside it
+        # would round its internal matmuls, so it is switched off around the call.
+        with torch.autocast(hidden.device.type, enabled=False):
+            return kernels.sequence_logprobs(
+                hidden.to(dtype), weight.to(dtype), targets, cu_seqlens,
+                bias=None if bias is None else bias.to(dtype), backend=self.backend,
+                check_targets=False,
+            )

@@ -1,0 +1,386 @@
+"""The training loop: SFT, QRPO and the baselines on packed sequences and the no-logits kernel.
+
+    python -m train --config configs/train/qrpo_tiny.yaml                     # one process
+    accelerate launch --config_file configs/accelerate/fsdp2_multi_gpu.yaml -m train \
+        --config configs/train/qrpo_gpu.yaml loss.beta=3e-3                   # one node, N GPUs
+    python -m slurm.train --config ... --nodes 4                               # SLURM
+
+Read top to bottom: set-up (data first, so bad data fails before a model is loaded), then one
+loop whose step packs the global batch's share of this process into micro-batches, computes
+per-sequence log-probs, the algorithm's per-example losses, and one optimizer step.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from common.config import ConfigError, save_config, to_yaml
+from common.data import DataError, load_canonical
+from common.flops import measure_peak_tflops, peak_memory_gb, train_flops_per_token
+from common.model import ModelConfig, load_model, load_tokenizer
+from common.tokenize import tokenize_rows
+from train import losses
+from train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from train.config import PAIR_ALGORITHMS, REFERENCE_FREE, TrainConfig
+from train.data import Batch, Example, build_examples, collate, global_batch_indices, pack, steps_per_epoch
+from train.model import SequenceLogprobModel
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on; the message says why and what to change."""
+
+
+# --------------------------------------------------------------------------- set-up
+
+
+def load_examples(cfg: TrainConfig, tokenizer=None) -> tuple[list[Example], object]:
+    """Data -> checked, tokenized examples. Runs before any model is loaded."""
+    algo = cfg.loss.algorithm
+    needs_rewards = algo in ("qrpo", "rebel", "dro", "rpo_partition")
+    min_refs = max(cfg.data.min_ref_rewards, 1 if algo == "qrpo" else 0)
+    if algo == "qrpo" and cfg.loss.transform in ("normal_icdf", "scaled_normal_icdf"):
+        min_refs = max(min_refs, 3)
+    cfg.data.min_ref_rewards = min_refs
+    rows = load_canonical(cfg.data, require_rewards=needs_rewards,
+                          require_pairs=algo in PAIR_ALGORITHMS)
+    tokenizer = tokenizer or load_tokenizer(cfg.model)
+    rows, dropped = tokenize_rows(rows, tokenizer, cfg.data, cfg.data.path)
+    if dropped:
+        print(f"data: dropped {dropped} rows over data.max_length={cfg.data.max_length}")
+    return build_examples(rows, cfg), tokenizer
+
+
+def reference_source(cfg: TrainConfig, examples: list[Example]) -> str:
+    """'none', 'data' (precomputed log-probs) or 'model' (a frozen model on the fly)."""
+    if cfg.loss.algorithm in REFERENCE_FREE:
+        return "none"
+    have = [not math.isnan(s.ref_logp) for e in examples for s in e.sequences]
+    if cfg.ref.source == "model" or (cfg.ref.source == "auto" and not all(have)):
+        return "model"
+    if not all(have):
+        first = next(i for i, ok in enumerate(have) if not ok)
+        raise DataError(cfg.data.path, None, "ref_logp",
+                        f"ref.source=data but sequence {first} has no precomputed reference log-prob")
+    return "data"
+
+
+@torch.no_grad()
+def sequence_logps(model: torch.nn.Module, examples: list[Example], token_budget: int,
+                   device: torch.device) -> torch.Tensor:
+    """Summed completion log-probs of every sequence of `examples`, in order (no gradient)."""
+    out = []
+    for group in pack(examples, token_budget):
+        b = collate(group, device)
+        out.append(model(b.input_ids, b.position_ids, b.targets, b.cu_seqlens).float())
+    return torch.cat(out) if out else torch.zeros(0, device=device)
+
+
+def check_precomputed_reference(policy, examples, cfg: TrainConfig, device) -> float:
+    """The starting policy must reproduce the precomputed reference log-probs: a wrong reference
+    checkpoint silently biases every QRPO target."""
+    probe = examples[: cfg.ref.check_rows]
+    ours = sequence_logps(policy, probe, cfg.run.micro_batch_tokens, device).cpu()
+    theirs = torch.tensor([s.ref_logp for e in probe for s in e.sequences])
+    gap = (ours - theirs).abs().max().item()
+    if gap > cfg.ref.check_tolerance:
+        raise TrainingError(
+            f"precomputed reference log-probs do not match the starting policy: largest gap "
+            f"{gap:.4g} nats over the first {len(probe)} examples (ref.check_tolerance="
+            f"{cfg.ref.check_tolerance}). The data's ref_logp must come from exactly "
+            f"model.name_or_path={cfg.model.name_or_path} with the same kernel and precision; "
+            "recompute them (python -m generate.ref_logps) or use ref.source=model.")
+    return gap
+
+
+# --------------------------------------------------------------------------- the loss of a step
+
+
+def example_losses(cfg: TrainConfig, batch: Batch, logps: torch.Tensor, ref_logps: torch.Tensor,
+                   model: SequenceLogprobModel, rpo_values: torch.Tensor | None,
+                   generator: torch.Generator | None):
+    """Per-example losses [E] and metrics for one micro-batch (sequences in packing order)."""
+    lc, algo = cfg.loss, cfg.loss.algorithm
+    if algo == "sft":
+        return losses.sft_loss(logps, batch.num_tokens)
+    if algo in PAIR_ALGORITHMS:
+        pc, pr = logps[0::2], logps[1::2]
+        if algo == "simpo":
+            return losses.simpo_loss(pc, pr, batch.num_tokens[0::2], batch.num_tokens[1::2],
+                                     beta=lc.beta, gamma=lc.gamma)
+        rc, rr = ref_logps[0::2], ref_logps[1::2]
+        if algo == "dpo":
+            return losses.dpo_loss(pc, pr, rc, rr, beta=lc.beta)
+        return losses.rebel_loss(pc, pr, rc, rr, batch.rewards[0::2], batch.rewards[1::2], beta=lc.beta)
+    if algo == "qrpo":
+        return losses.qrpo_loss(
+            logps, ref_logps, batch.rewards, batch.ref_rewards, beta=lc.beta,
+            num_tokens=batch.num_tokens, length_normalized=lc.length_normalized,
+            max_beta=lc.max_beta, transform=lc.transform, ref_mask=batch.ref_mask,
+            sigma=_reference_sigma(batch) if lc.transform == "scaled_normal_icdf" else None,
+            estimator=lc.estimator, exclude_index=batch.ref_index, loss_type=lc.loss_type,
+            generator=generator, backend=lc.kernel_backend,
+        )
+    if algo == "kto":
+        return losses.kto_loss(logps, ref_logps, batch.desirable, beta=lc.beta,
+                               desirable_weight=lc.kto_desirable_weight,
+                               undesirable_weight=lc.kto_undesirable_weight)
+    if algo == "dro":
+        return losses.dro_loss(logps, ref_logps, batch.rewards, model.values[batch.prompt_index],
+                               tau=lc.tau)
+    return losses.rpo_partition_loss(logps, ref_logps, batch.rewards, batch.num_tokens,
+                                     rpo_values[batch.prompt_index], tau=lc.tau)
+
+
+def _reference_sigma(batch: Batch) -> torch.Tensor:
+    """Per-prompt std (ddof 1) of the reference rewards (the paper normalises it by its mean
+    over the train set; here over the batch, documented in the README)."""
+    k = batch.ref_mask.sum(1).clamp(min=2)
+    mean = (batch.ref_rewards * batch.ref_mask).sum(1) / k
+    var = (((batch.ref_rewards - mean[:, None]) * batch.ref_mask) ** 2).sum(1) / (k - 1)
+    sigma = var.sqrt()
+    return sigma / sigma.mean().clamp(min=1e-12)
+
+
+# --------------------------------------------------------------------------- main
+
+
+def train(cfg: TrainConfig) -> dict:
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from transformers import get_scheduler
+
+    # ---- data first: every data problem is reported before a model is loaded
+    examples, tokenizer = load_examples(cfg)
+    seqs_per_example = 2 if cfg.loss.algorithm in PAIR_ALGORITHMS else 1
+    per_step = cfg.run.global_batch // seqs_per_example
+    if per_step > len(examples):
+        raise ConfigError(f"run.global_batch={cfg.run.global_batch} sequences is more than the "
+                          f"{len(examples) * seqs_per_example} in the data")
+    ref_source = reference_source(cfg, examples)
+
+    accelerator = Accelerator(mixed_precision=cfg.run.mixed_precision,
+                              log_with=list(cfg.run.trackers) or None, project_dir=cfg.run.run_dir)
+    world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
+    log = accelerator.print
+    if per_step < world:
+        raise ConfigError(f"run.global_batch gives {per_step} examples per step, fewer than the "
+                          f"{world} processes")
+    run_dir = Path(cfg.run.run_dir)
+    if accelerator.is_main_process:
+        save_config(cfg, run_dir)
+    log(to_yaml(cfg))
+    set_seed(cfg.run.seed)
+
+    total_steps = cfg.run.epochs * steps_per_epoch(len(examples), per_step)
+    if cfg.run.max_steps:
+        total_steps = min(total_steps, cfg.run.max_steps) if cfg.run.epochs else cfg.run.max_steps
+
+    # ---- models
+    num_prompts = 1 + max(s.prompt_index for e in examples for s in e.sequences)
+    causal_lm = load_model(cfg.model, device, log=log)
+    if cfg.run.gradient_checkpointing:
+        causal_lm.gradient_checkpointing_enable()
+    policy = SequenceLogprobModel(causal_lm, cfg.loss.kernel_backend,
+                                  num_values=num_prompts if cfg.loss.algorithm == "dro" else 0)
+    policy.to(device)
+    ref_model = None
+    if ref_source == "model":
+        ref_cfg = ModelConfig(**{**asdict(cfg.model), "name_or_path": cfg.ref.name_or_path or cfg.model.name_or_path})
+        ref_model = SequenceLogprobModel(load_model(ref_cfg, device, log=log), cfg.loss.kernel_backend)
+        ref_model.to(device).eval().requires_grad_(False)
+    elif ref_source == "data":
+        gap = check_precomputed_reference(policy.eval(), examples, cfg, device)
+        log(f"reference: precomputed log-probs match the starting policy (max gap {gap:.2e} nats)")
+    rpo_values = None
+    if cfg.loss.algorithm == "rpo_partition":
+        rpo_values = _partition_values(cfg, examples, ref_model, device, num_prompts)
+
+    groups = [{"params": [p for n, p in policy.named_parameters() if n != "values"]}]
+    if policy.values is not None:
+        groups.append({"params": [policy.values], "lr": cfg.loss.value_lr, "weight_decay": 0.0})
+    optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
+                                  eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
+    scheduler = get_scheduler(cfg.optim.scheduler, optimizer,
+                              num_warmup_steps=int(cfg.optim.warmup_ratio * total_steps),
+                              num_training_steps=max(total_steps, 1))
+    policy, optimizer, scheduler = accelerator.prepare(policy, optimizer, scheduler)
+    if accelerator.is_main_process and cfg.run.trackers:
+        accelerator.init_trackers(cfg.run.project, config=_flat(cfg))
+
+    # ---- resume
+    step, metrics_log = 0, run_dir / "metrics.jsonl"
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is not None:
+        step = load_checkpoint(accelerator, ckpt)["step"]
+        log(f"resumed from {ckpt} at step {step}")
+    if accelerator.is_main_process:
+        _truncate_log(metrics_log, step)
+
+    flops_per_token = train_flops_per_token(causal_lm, with_reference=ref_model is not None)
+    peak = cfg.run.peak_tflops or measure_peak_tflops(device, causal_lm.dtype)
+    log(f"{len(examples)} examples, {per_step} per step, {total_steps} steps, {world} process(es); "
+        f"reference: {ref_source}; MFU against {peak:.1f} TFLOP/s")
+
+    # ---- loop
+    from tqdm import tqdm
+
+    bar = tqdm(total=total_steps, initial=step, disable=not accelerator.is_main_process,
+               desc=cfg.loss.algorithm)
+    last_saved = step
+    while step < total_steps:
+        t0 = time.perf_counter()
+        policy.train()
+        indices = global_batch_indices(len(examples), per_step, step, cfg.run.seed)
+        mine = [examples[i] for i in indices[rank::world]]
+        micro_batches = pack(mine, cfg.run.micro_batch_tokens)
+        if cfg.loss.algorithm == "sft":  # token-mean NLL over the whole global batch
+            denominator = sum(examples[i].sequences[0].num_completion_tokens for i in indices)
+        else:  # mean over the global batch's examples
+            denominator = len(indices)
+        loss_sum = torch.zeros((), device=device)
+        step_metrics: dict[str, list[torch.Tensor]] = {}
+        tokens = 0
+        for k, group in enumerate(micro_batches):
+            batch = collate(group, device)
+            tokens += batch.total_tokens
+            sync = k == len(micro_batches) - 1
+            with nullcontext() if sync else accelerator.no_sync(policy), accelerator.autocast():
+                try:
+                    logps = policy(batch.input_ids, batch.position_ids, batch.targets, batch.cu_seqlens)
+                    if ref_model is not None:
+                        with torch.no_grad():
+                            ref_logps = ref_model(batch.input_ids, batch.position_ids,
+                                                  batch.targets, batch.cu_seqlens).float()
+                    else:
+                        ref_logps = batch.ref_logps
+                    gen = torch.Generator(device).manual_seed(cfg.run.seed * 7919 + step * 1009 + rank * 101 + k)
+                    per_example, metrics = example_losses(cfg, batch, logps, ref_logps,
+                                                          accelerator.unwrap_model(policy), rpo_values, gen)
+                    local = per_example.sum()
+                    # DDP averages gradients over processes, hence the factor `world`.
+                    accelerator.backward(local * world / denominator)
+                except torch.OutOfMemoryError as err:
+                    raise TrainingError(
+                        f"out of memory at step {step} on a micro-batch of {batch.total_tokens} "
+                        f"tokens: lower run.micro_batch_tokens (now {cfg.run.micro_batch_tokens}), "
+                        "or set run.gradient_checkpointing=true") from err
+            loss_sum += local.detach()
+            for name, value in metrics.items():
+                step_metrics.setdefault(name, []).append(value.detach().float().reshape(-1))
+        loss = accelerator.reduce(loss_sum, reduction="sum") / denominator
+        if not torch.isfinite(loss):
+            raise TrainingError(
+                f"non-finite loss ({loss.item()}) at step {step}: stopped before the update. The "
+                f"last good checkpoint is {latest_checkpoint(run_dir) or 'none (no checkpoint yet)'}; "
+                "lower optim.lr or check the rewards and reference log-probs.")
+        grad_norm = accelerator.clip_grad_norm_(policy.parameters(), cfg.optim.max_grad_norm or math.inf)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        elapsed = time.perf_counter() - t0
+
+        # ---- log
+        if step % cfg.run.log_every == 0 or step == total_steps:
+            tokens_all = accelerator.reduce(torch.tensor(tokens, device=device), reduction="sum").item()
+            record = {
+                "step": step, "loss": loss.item(), "grad_norm": float(grad_norm),
+                "lr": scheduler.get_last_lr()[0], "tokens_per_s": tokens_all / elapsed,
+                "step_s": elapsed,
+                "mfu": tokens_all * flops_per_token / elapsed / (peak * 1e12 * world),
+                "peak_memory_gb": peak_memory_gb(device),
+            }
+            record.update({n: torch.cat(v).nanmean().item() for n, v in step_metrics.items()})
+            if accelerator.is_main_process:
+                with metrics_log.open("a") as f:
+                    f.write(json.dumps(record) + "\n")
+                if cfg.run.trackers:
+                    accelerator.log(record, step=step)
+                bar.set_postfix(loss=f"{record['loss']:.4g}", tok_s=f"{record['tokens_per_s']:.0f}")
+        bar.update(1)
+
+        # ---- checkpoint
+        if (cfg.run.save_every and step % cfg.run.save_every == 0) or step == total_steps:
+            save_checkpoint(accelerator, run_dir, step, {"examples": len(examples)},
+                            cfg.run.keep_checkpoints)
+            last_saved = step
+    bar.close()
+
+    # ---- end: a plain Hugging Face checkpoint of the policy
+    accelerator.wait_for_everyone()
+    final_dir = run_dir / "final"
+    unwrapped = accelerator.unwrap_model(policy).model
+    unwrapped.save_pretrained(final_dir, is_main_process=accelerator.is_main_process,
+                              save_function=accelerator.save,
+                              state_dict=accelerator.get_state_dict(accelerator.unwrap_model(policy).model))
+    if accelerator.is_main_process:
+        tokenizer.save_pretrained(final_dir)
+        if cfg.run.plot:
+            plot_curves(metrics_log, run_dir / "training_curves.png")
+        log(f"done: {step} steps; model in {final_dir}; metrics in {metrics_log}")
+    if cfg.run.trackers:
+        accelerator.end_training()
+    return {"steps": step, "last_checkpoint": last_saved, "run_dir": str(run_dir)}
+
+
+def _partition_values(cfg, examples, ref_model, device, num_prompts) -> torch.Tensor:
+    """Reward partitioning's V_hat(x), once per prompt from the reference model."""
+    if ref_model is not None:
+        ref = sequence_logps(ref_model, examples, cfg.run.micro_batch_tokens, device).cpu()
+    else:
+        ref = torch.tensor([s.ref_logp for e in examples for s in e.sequences])
+    seqs = [s for e in examples for s in e.sequences]
+    mean_token = ref / torch.tensor([max(s.num_completion_tokens, 1) for s in seqs])
+    values = losses.rpo_partition_values(
+        mean_token.double(), torch.tensor([s.reward for s in seqs], dtype=torch.float64),
+        torch.tensor([s.prompt_index for s in seqs]), num_prompts, tau=cfg.loss.tau)
+    return values.float().to(device)
+
+
+def _flat(cfg: TrainConfig) -> dict:
+    out = {}
+    for section, values in asdict(cfg).items():
+        for key, value in values.items():
+            out[f"{section}.{key}"] = value if isinstance(value, (int, float, str, bool)) else str(value)
+    return out
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """After a resume, drop log records of steps the checkpoint does not contain."""
+    if not path.is_file():
+        return
+    keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in keep))
+
+
+def plot_curves(metrics_log: Path, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [json.loads(line) for line in metrics_log.read_text().splitlines() if line]
+    if not records:
+        return
+    names = [n for n in ("loss", "grad_norm", "lr", "tokens_per_s") if n in records[0]]
+    names += [n for n in records[0] if "/" in n][:8]
+    cols = 4
+    rows = math.ceil(len(names) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3 * rows), squeeze=False)
+    steps = [r["step"] for r in records]
+    for ax, name in zip(axes.flat, names):
+        ax.plot(steps, [r.get(name, math.nan) for r in records])
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+    for ax in list(axes.flat)[len(names):]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(out, dpi=90)
+    plt.close(fig)
