@@ -19,8 +19,9 @@ def matmul_params(model: torch.nn.Module) -> int:
     return total
 
 
-def train_flops_per_token(model: torch.nn.Module, *, with_reference: bool = False,
-                          seq_len: int = 0) -> float:
+def train_flops_per_token(
+    model: torch.nn.Module, *, with_reference: bool = False, seq_len: int = 0
+) -> float:
     """6N per trained token (forward 2N, backward 4N), plus 2N for an on-the-fly reference
     forward; with `seq_len`, the attention-score term 12*L*d*T of PaLM's appendix."""
     n = matmul_params(model)

@@ -60,8 +60,12 @@ def load_model(cfg: ModelConfig, device: torch.device | str = "cpu", *, log=prin
     path = resolve(cfg.name_or_path)
     if cfg.liger and device.type == "cuda":
         _apply_liger(path, log)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[cfg.dtype], attn_implementation=attn)
-    log(f"model {cfg.name_or_path} ({Path(path).name}): attention path = {attn}, dtype = {cfg.dtype}")
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=DTYPES[cfg.dtype], attn_implementation=attn
+    )
+    log(
+        f"model {cfg.name_or_path} ({Path(path).name}): attention path = {attn}, dtype = {cfg.dtype}"
+    )
     return model
 
 
@@ -74,8 +78,14 @@ def _apply_liger(path: str, log) -> None:
 
     model_type = AutoConfig.from_pretrained(path).model_type
     try:
-        _apply_liger_kernel(model_type, rope=True, rms_norm=True, swiglu=True,
-                            cross_entropy=False, fused_linear_cross_entropy=False)
+        _apply_liger_kernel(
+            model_type,
+            rope=True,
+            rms_norm=True,
+            swiglu=True,
+            cross_entropy=False,
+            fused_linear_cross_entropy=False,
+        )
         log(f"liger-kernel patches applied for {model_type}")
     except Exception as err:  # unsupported architecture: run without
         log(f"liger-kernel not applied ({err})")

@@ -121,8 +121,9 @@ def write_task_data(
         completion = TASK.demonstration(p, rng, noise)
         # Short prompts repeat, and so may a demonstration: explicit ids keep such rows distinct.
         reward = TASK.reward(p, completion)
-        sft_rows.append({"prompt": p, "completion": completion, "reward": reward,
-                         "completion_id": f"sft-{i}"})
+        sft_rows.append(
+            {"prompt": p, "completion": completion, "reward": reward, "completion_id": f"sft-{i}"}
+        )
     for name, rows in [
         ("sft", sft_rows),
         ("train_prompts", [{"prompt": p} for p in TASK.prompts("train", n_train)]),

@@ -33,10 +33,14 @@ def encode_completion(tokenizer, text: str) -> list[int]:
 def shifted_targets(input_ids: list[int], prompt_len: int) -> list[int]:
     """Targets for the log-prob kernel: completion tokens at the position that predicts them."""
     n = len(input_ids)
-    return [input_ids[t + 1] if t + 1 >= prompt_len and t + 1 < n else IGNORE_INDEX for t in range(n)]
+    return [
+        input_ids[t + 1] if t + 1 >= prompt_len and t + 1 < n else IGNORE_INDEX for t in range(n)
+    ]
 
 
-def tokenize_rows(rows: list[dict], tokenizer, cfg: DataConfig, source: str) -> tuple[list[dict], int]:
+def tokenize_rows(
+    rows: list[dict], tokenizer, cfg: DataConfig, source: str
+) -> tuple[list[dict], int]:
     """Add `prompt_ids` to each row and `completion_ids` to each completion.
 
     Sequences longer than `cfg.max_length` raise DataError (default) or, with
@@ -55,10 +59,14 @@ def tokenize_rows(rows: list[dict], tokenizer, cfg: DataConfig, source: str) -> 
             completions.append({**c, "completion_ids": ids})
         if too_long is not None:
             if cfg.too_long == "error":
-                raise DataError(source, row["source_row"], "completions",
-                                f"completion {too_long[0]}: prompt+completion is {too_long[1]} "
-                                f"tokens, over data.max_length={cfg.max_length} (set "
-                                "data.too_long=drop to skip such rows)")
+                raise DataError(
+                    source,
+                    row["source_row"],
+                    "completions",
+                    f"completion {too_long[0]}: prompt+completion is {too_long[1]} "
+                    f"tokens, over data.max_length={cfg.max_length} (set "
+                    "data.too_long=drop to skip such rows)",
+                )
             dropped += 1
             continue
         kept.append({**row, "prompt_ids": prompt_ids, "completions": completions})

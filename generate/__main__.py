@@ -46,11 +46,21 @@ class GenerateConfig:
 def sample_and_score(cfg: GenerateConfig) -> Path:
     from generate.sample import sample_completions
 
-    prompts = [json.loads(line)["prompt"] for line in Path(cfg.prompts).read_text().splitlines() if line]
+    prompts = [
+        json.loads(line)["prompt"] for line in Path(cfg.prompts).read_text().splitlines() if line
+    ]
     tokenizer = load_tokenizer(cfg.model)
     model = load_model(cfg.model)
-    samples = sample_completions(model, tokenizer, prompts, n=cfg.n, temperature=cfg.temperature,
-                                 top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
+    samples = sample_completions(
+        model,
+        tokenizer,
+        prompts,
+        n=cfg.n,
+        temperature=cfg.temperature,
+        top_p=cfg.top_p,
+        max_new_tokens=cfg.max_new_tokens,
+        seed=cfg.seed,
+    )
     rows = []
     for prompt, texts in zip(prompts, samples):
         rewards = [TASK.reward(prompt, t) for t in texts]
@@ -66,11 +76,16 @@ def sample_and_score(cfg: GenerateConfig) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    cfg = parse_config(GenerateConfig, argv, prog="python -m generate",
-                       description="Build the embedded task's data, or sample scored completions.")
+    cfg = parse_config(
+        GenerateConfig,
+        argv,
+        prog="python -m generate",
+        description="Build the embedded task's data, or sample scored completions.",
+    )
     if cfg.step == "task":
-        paths = write_task_data(cfg.out, n_sft=cfg.n_sft, n_train=cfg.n_train, n_eval=cfg.n_eval,
-                                seed=cfg.seed)
+        paths = write_task_data(
+            cfg.out, n_sft=cfg.n_sft, n_train=cfg.n_train, n_eval=cfg.n_eval, seed=cfg.seed
+        )
         print("wrote " + ", ".join(str(p) for p in paths.values()))
     else:
         print(f"wrote {sample_and_score(cfg)}")

@@ -12,9 +12,18 @@ from common.tokenize import encode_prompt
 
 
 @torch.no_grad()
-def sample_completions(model, tokenizer, prompts: list, *, n: int, temperature: float = 1.0,
-                       top_p: float = 1.0, max_new_tokens: int = 32, seed: int = 0,
-                       batch_size: int = 64) -> list[list[str]]:
+def sample_completions(
+    model,
+    tokenizer,
+    prompts: list,
+    *,
+    n: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    max_new_tokens: int = 32,
+    seed: int = 0,
+    batch_size: int = 64,
+) -> list[list[str]]:
     """n completions per prompt (text without the EOS); prompts are strings or message lists."""
     device = next(model.parameters()).device
     model.eval()
@@ -29,11 +38,14 @@ def sample_completions(model, tokenizer, prompts: list, *, n: int, temperature: 
             gen = model.generate(
                 input_ids=torch.tensor([ids] * k, device=device),
                 attention_mask=torch.ones(k, len(ids), dtype=torch.long, device=device),
-                do_sample=temperature > 0, temperature=temperature if temperature > 0 else None,
-                top_p=top_p if temperature > 0 else None, top_k=None,
-                max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                do_sample=temperature > 0,
+                temperature=temperature if temperature > 0 else None,
+                top_p=top_p if temperature > 0 else None,
+                top_k=None,
+                max_new_tokens=max_new_tokens,
+                pad_token_id=tokenizer.pad_token_id,
                 eos_token_id=tokenizer.eos_token_id,
             )
-            texts += tokenizer.batch_decode(gen[:, len(ids):], skip_special_tokens=True)
+            texts += tokenizer.batch_decode(gen[:, len(ids) :], skip_special_tokens=True)
         out.append([t.strip() for t in texts])
     return out

@@ -53,8 +53,12 @@ srun bash -c 'accelerate launch --config_file {cfg.accelerate_config} \\
 
 
 def main(argv: list[str] | None = None) -> None:
-    cfg = parse_config(SlurmConfig, argv, prog="python -m slurm",
-                       description="Write a multi-node sbatch script for a training run.")
+    cfg = parse_config(
+        SlurmConfig,
+        argv,
+        prog="python -m slurm",
+        description="Write a multi-node sbatch script for a training run.",
+    )
     script = sbatch_script(cfg)
     path = Path(cfg.out)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -36,14 +36,17 @@ def test_yaml_then_overrides(tmp_path):
     assert again == cfg
 
 
-@pytest.mark.parametrize("source,override,words", [
-    ("yaml", "optim:\n  lrr: 1\n", "config key 'optim.lrr'"),
-    ("yaml", "stepz: 1\n", "config key 'stepz'"),
-    ("cli", "optim.lrr=1", "config key 'optim.lrr'"),
-    ("cli", "optim.lr=abc", "config key 'optim.lr'"),
-    ("cli", "steps=1.5", "config key 'steps'"),
-    ("cli", "optim.lr=-1", "optim.lr must be > 0"),
-])
+@pytest.mark.parametrize(
+    "source,override,words",
+    [
+        ("yaml", "optim:\n  lrr: 1\n", "config key 'optim.lrr'"),
+        ("yaml", "stepz: 1\n", "config key 'stepz'"),
+        ("cli", "optim.lrr=1", "config key 'optim.lrr'"),
+        ("cli", "optim.lr=abc", "config key 'optim.lr'"),
+        ("cli", "steps=1.5", "config key 'steps'"),
+        ("cli", "optim.lr=-1", "optim.lr must be > 0"),
+    ],
+)
 def test_unknown_or_mistyped_keys_are_named(tmp_path, source, override, words):
     with pytest.raises(ConfigError, match=words):
         if source == "yaml":
@@ -55,8 +58,9 @@ def test_unknown_or_mistyped_keys_are_named(tmp_path, source, override, words):
 
 @pytest.mark.parametrize("module", ["train", "generate", "evaluate", "slurm"])
 def test_entry_points_have_help(module):
-    out = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True,
-                         timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", module, "--help"], capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 0, out.stderr
     assert "configuration keys" in out.stdout and "--config" in out.stdout
 

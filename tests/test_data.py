@@ -47,8 +47,10 @@ def test_each_malformed_file_has_its_own_message():
     messages = set()
     for name, rewards, min_refs, *_ in CASES:
         with pytest.raises(DataError) as info:
-            load_canonical(DataConfig(path=str(MALFORMED / name), min_ref_rewards=min_refs),
-                           require_rewards=rewards)
+            load_canonical(
+                DataConfig(path=str(MALFORMED / name), min_ref_rewards=min_refs),
+                require_rewards=rewards,
+            )
         messages.add(str(info.value))
     assert len(messages) == len(CASES)
     assert len(list(MALFORMED.iterdir())) == len(CASES) + 1  # + too_long, tested below
@@ -71,20 +73,51 @@ def _write(path: Path, rows, jsonl=True):
 
 def test_formats_convert_to_the_canonical_schema(tmp_path):
     chat = [{"role": "user", "content": "sort 3 1"}]
-    grouped = _write(tmp_path / "g.json", [{"prompt": chat, "responses": [
-        {"text": "1 3", "reward": 1.0}, {"text": "3 1", "reward": 0.0}, {"text": "1 3", "reward": 1.0}]}],
-        jsonl=False)
-    pairs = _write(tmp_path / "p.jsonl", [{
-        "prompt": chat, "chosen": [*chat, {"role": "assistant", "content": "1 3"}],
-        "rejected": [*chat, {"role": "assistant", "content": "3 1"}],
-        "score_chosen": 9.0, "score_rejected": 2.5}])
-    point = _write(tmp_path / "w.jsonl", [{"prompt": "sort 3 1", "completion": "1 3", "reward": 0.7,
-                                           "ref_rewards": [0.1, 0.9], "ref_logp": -3.5}])
+    grouped = _write(
+        tmp_path / "g.json",
+        [
+            {
+                "prompt": chat,
+                "responses": [
+                    {"text": "1 3", "reward": 1.0},
+                    {"text": "3 1", "reward": 0.0},
+                    {"text": "1 3", "reward": 1.0},
+                ],
+            }
+        ],
+        jsonl=False,
+    )
+    pairs = _write(
+        tmp_path / "p.jsonl",
+        [
+            {
+                "prompt": chat,
+                "chosen": [*chat, {"role": "assistant", "content": "1 3"}],
+                "rejected": [*chat, {"role": "assistant", "content": "3 1"}],
+                "score_chosen": 9.0,
+                "score_rejected": 2.5,
+            }
+        ],
+    )
+    point = _write(
+        tmp_path / "w.jsonl",
+        [
+            {
+                "prompt": "sort 3 1",
+                "completion": "1 3",
+                "reward": 0.7,
+                "ref_rewards": [0.1, 0.9],
+                "ref_logp": -3.5,
+            }
+        ],
+    )
     (g,) = load_canonical(DataConfig(path=grouped), require_rewards=True)
     assert g["messages"] == chat and g["prompt"] == ""
     assert g["ref_rewards"] == [1.0, 0.0, 1.0]
     assert [c["ref_index"] for c in g["completions"]] == [0, 1, 2]
-    assert len({c["completion_id"] for c in g["completions"]}) == 3  # repeated samples stay distinct
+    assert (
+        len({c["completion_id"] for c in g["completions"]}) == 3
+    )  # repeated samples stay distinct
     (p,) = load_canonical(DataConfig(path=pairs), require_pairs=True)
     assert [c["text"] for c in p["completions"]] == ["1 3", "3 1"]
     assert [c["reward"] for c in p["completions"]] == [9.0, 2.5]
@@ -111,8 +144,10 @@ def tiny_tokenizer():
 
 
 def test_chat_prompt_masking_and_eos(tiny_tokenizer, tmp_path):
-    path = _write(tmp_path / "d.jsonl", [{"prompt": [{"role": "user", "content": "sort 2 1"}],
-                                          "completion": "1 2", "reward": 1.0}])
+    path = _write(
+        tmp_path / "d.jsonl",
+        [{"prompt": [{"role": "user", "content": "sort 2 1"}], "completion": "1 2", "reward": 1.0}],
+    )
     cfg = DataConfig(path=path)
     (row,), _ = tokenize_rows(load_canonical(cfg), tiny_tokenizer, cfg, path)
     prompt, completion = row["prompt_ids"], row["completions"][0]["completion_ids"]

@@ -9,8 +9,12 @@ from train.train import TrainingError, train
 
 
 def main(argv: list[str] | None = None) -> None:
-    cfg = parse_config(TrainConfig, argv, prog="python -m train",
-                       description="Train a policy with SFT, QRPO or a baseline.")
+    cfg = parse_config(
+        TrainConfig,
+        argv,
+        prog="python -m train",
+        description="Train a policy with SFT, QRPO or a baseline.",
+    )
     try:
         train(cfg)
     except (ConfigError, DataError, TrainingError) as err:

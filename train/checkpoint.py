@@ -27,7 +27,9 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return path if (path / "trainer.json").is_file() else None
 
 
-def save_checkpoint(accelerator, run_dir: str | Path, step: int, trainer_state: dict, keep: int) -> Path:
+def save_checkpoint(
+    accelerator, run_dir: str | Path, step: int, trainer_state: dict, keep: int
+) -> Path:
     root = checkpoint_root(run_dir)
     final = root / f"step_{step:08d}"
     tmp = root / f"step_{step:08d}.tmp"

@@ -18,15 +18,21 @@ REFERENCE_FREE = ("sft", "simpo")
 class LossConfig:
     algorithm: str = doc("qrpo", f"one of {', '.join(ALGORITHMS)}")
     beta: float = doc(1e-2, "QRPO/DPO/REBEL/KTO beta (SimPO: its beta)")
-    length_normalized: bool = doc(False, "QRPO: beta_eff = beta/|y| per sample, clamped at max_beta")
+    length_normalized: bool = doc(
+        False, "QRPO: beta_eff = beta/|y| per sample, clamped at max_beta"
+    )
     max_beta: float = doc(0.1, "QRPO: clamp of the length-normalised beta")
-    transform: str = doc("identity", "QRPO f(q): identity|log|normal_icdf|scaled_normal_icdf|square|sqrt")
+    transform: str = doc(
+        "identity", "QRPO f(q): identity|log|normal_icdf|scaled_normal_icdf|square|sqrt"
+    )
     estimator: str = doc("inclusive", "QRPO quantile estimator: inclusive | midrank | randomized")
     exclude_self: bool = doc(True, "QRPO: leave a completion's own reward out of its reference set")
     loss_type: str = doc("squared", "QRPO regression loss: squared | absolute")
     gamma: float = doc(1.0, "SimPO margin gamma (paper: gamma/beta = 0.5)")
     tau: float = doc(1.0, "DRO / reward-partition temperature tau")
-    kto_threshold: float = doc(0.5, "KTO: a completion is desirable when reward >= this (pairs: chosen)")
+    kto_threshold: float = doc(
+        0.5, "KTO: a completion is desirable when reward >= this (pairs: chosen)"
+    )
     kto_desirable_weight: float = doc(1.0, "KTO: weight of desirable examples")
     kto_undesirable_weight: float = doc(1.0, "KTO: weight of undesirable examples")
     value_lr: float = doc(1e-2, "DRO: learning rate of the per-prompt value table")
@@ -83,7 +89,9 @@ class RunConfig:
     save_every: int = doc(0, "checkpoint every N steps (0: only at the end)")
     keep_checkpoints: int = doc(2, "complete checkpoints kept on disk")
     log_every: int = doc(1, "log metrics every N steps")
-    trackers: list = doc(["tensorboard"], "accelerate trackers: tensorboard, wandb, ... ([] for none)")
+    trackers: list = doc(
+        ["tensorboard"], "accelerate trackers: tensorboard, wandb, ... ([] for none)"
+    )
     project: str = doc("qrpo", "tracker project name")
     peak_tflops: float = doc(0.0, "peak TFLOP/s for MFU (0: measure a matmul at start)")
     plot: bool = doc(True, "write training_curves.png at the end")
@@ -110,8 +118,12 @@ class TrainConfig:
     def __post_init__(self):
         pairs = self.loss.algorithm in PAIR_ALGORITHMS
         if pairs and self.run.global_batch % 2:
-            raise ConfigError("run.global_batch counts sequences: pair algorithms need an even number")
+            raise ConfigError(
+                "run.global_batch counts sequences: pair algorithms need an even number"
+            )
         need = self.data.max_length * (2 if pairs else 1)
         if self.run.micro_batch_tokens < need:
-            raise ConfigError(f"run.micro_batch_tokens={self.run.micro_batch_tokens} cannot hold one "
-                              f"example of data.max_length={self.data.max_length} (need >= {need})")
+            raise ConfigError(
+                f"run.micro_batch_tokens={self.run.micro_batch_tokens} cannot hold one "
+                f"example of data.max_length={self.data.max_length} (need >= {need})"
+            )

@@ -59,17 +59,8 @@ def build_examples(rows: list[dict], cfg: TrainConfig) -> list[Example]:
     for row in rows:
         pi = prompt_index.setdefault(row["prompt_id"], len(prompt_index))
 
-        def seq(c: dict, desirable: bool = True) -> Sequence:
-            return Sequence(
-                input_ids=row["prompt_ids"] + c["completion_ids"],
-                prompt_len=len(row["prompt_ids"]),
-                prompt_index=pi,
-                reward=math.nan if c["reward"] is None else c["reward"],
-                ref_logp=math.nan if c.get("ref_logp") is None else c["ref_logp"],
-                ref_rewards=list(row["ref_rewards"]),
-                ref_index=c["ref_index"] if cfg.loss.exclude_self else -1,
-                desirable=desirable,
-            )
+        def seq(c: dict, desirable: bool = True, row=row, pi=pi) -> Sequence:
+            return _sequence(row, pi, c, cfg.loss.exclude_self, desirable)
 
         comps = row["completions"]
         if algo in PAIR_ALGORITHMS:
@@ -91,6 +82,21 @@ def build_examples(rows: list[dict], cfg: TrainConfig) -> list[Example]:
     return examples
 
 
+def _sequence(
+    row: dict, prompt_index: int, c: dict, exclude_self: bool, desirable: bool
+) -> Sequence:
+    return Sequence(
+        input_ids=row["prompt_ids"] + c["completion_ids"],
+        prompt_len=len(row["prompt_ids"]),
+        prompt_index=prompt_index,
+        reward=math.nan if c["reward"] is None else c["reward"],
+        ref_logp=math.nan if c.get("ref_logp") is None else c["ref_logp"],
+        ref_rewards=list(row["ref_rewards"]),
+        ref_index=c["ref_index"] if exclude_self else -1,
+        desirable=desirable,
+    )
+
+
 def _zscore_rewards(examples: list[Example]) -> None:
     """DRO and reward partitioning standardise rewards over the training set (REFERENCE.md 3)."""
     seqs = [s for e in examples for s in e.sequences]
@@ -107,7 +113,9 @@ def steps_per_epoch(num_examples: int, examples_per_step: int) -> int:
     return num_examples // examples_per_step
 
 
-def global_batch_indices(num_examples: int, examples_per_step: int, step: int, seed: int) -> list[int]:
+def global_batch_indices(
+    num_examples: int, examples_per_step: int, step: int, seed: int
+) -> list[int]:
     """Example indices of global step `step` (0-based): a fresh permutation each epoch."""
     per_epoch = steps_per_epoch(num_examples, examples_per_step)
     epoch, k = divmod(step, per_epoch)

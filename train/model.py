@@ -25,8 +25,13 @@ class SequenceLogprobModel(nn.Module):
         # FSDP auto-wrapping reads the layer classes from the wrapped model.
         self._no_split_modules = getattr(causal_lm, "_no_split_modules", None)
 
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, targets: torch.Tensor,
-                cu_seqlens: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        targets: torch.Tensor,
+        cu_seqlens: torch.Tensor,
+    ) -> torch.Tensor:
         # use_cache=False: with a cache, packed sequences would see each other (REFERENCE.md 7).
         hidden = self.model.base_model(
             input_ids=input_ids, position_ids=position_ids, use_cache=False
@@ -41,7 +46,11 @@ class SequenceLogprobModel(nn.Module):
         # would round its internal matmuls, so it is switched off around the call.
         with torch.autocast(hidden.device.type, enabled=False):
             return kernels.sequence_logprobs(
-                hidden.to(dtype), weight.to(dtype), targets, cu_seqlens,
-                bias=None if bias is None else bias.to(dtype), backend=self.backend,
+                hidden.to(dtype),
+                weight.to(dtype),
+                targets,
+                cu_seqlens,
+                bias=None if bias is None else bias.to(dtype),
+                backend=self.backend,
                 check_targets=False,
             )

@@ -29,7 +29,15 @@ from common.tokenize import tokenize_rows
 from train import losses
 from train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from train.config import PAIR_ALGORITHMS, REFERENCE_FREE, TrainConfig
-from train.data import Batch, Example, build_examples, collate, global_batch_indices, pack, steps_per_epoch
+from train.data import (
+    Batch,
+    Example,
+    build_examples,
+    collate,
+    global_batch_indices,
+    pack,
+    steps_per_epoch,
+)
 from train.model import SequenceLogprobModel
 
 
@@ -48,8 +56,9 @@ def load_examples(cfg: TrainConfig, tokenizer=None) -> tuple[list[Example], obje
     if algo == "qrpo" and cfg.loss.transform in ("normal_icdf", "scaled_normal_icdf"):
         min_refs = max(min_refs, 3)
     cfg.data.min_ref_rewards = min_refs
-    rows = load_canonical(cfg.data, require_rewards=needs_rewards,
-                          require_pairs=algo in PAIR_ALGORITHMS)
+    rows = load_canonical(
+        cfg.data, require_rewards=needs_rewards, require_pairs=algo in PAIR_ALGORITHMS
+    )
     tokenizer = tokenizer or load_tokenizer(cfg.model)
     rows, dropped = tokenize_rows(rows, tokenizer, cfg.data, cfg.data.path)
     if dropped:
@@ -66,14 +75,19 @@ def reference_source(cfg: TrainConfig, examples: list[Example]) -> str:
         return "model"
     if not all(have):
         first = next(i for i, ok in enumerate(have) if not ok)
-        raise DataError(cfg.data.path, None, "ref_logp",
-                        f"ref.source=data but sequence {first} has no precomputed reference log-prob")
+        raise DataError(
+            cfg.data.path,
+            None,
+            "ref_logp",
+            f"ref.source=data but sequence {first} has no precomputed reference log-prob",
+        )
     return "data"
 
 
 @torch.no_grad()
-def sequence_logps(model: torch.nn.Module, examples: list[Example], token_budget: int,
-                   device: torch.device) -> torch.Tensor:
+def sequence_logps(
+    model: torch.nn.Module, examples: list[Example], token_budget: int, device: torch.device
+) -> torch.Tensor:
     """Summed completion log-probs of every sequence of `examples`, in order (no gradient)."""
     out = []
     for group in pack(examples, token_budget):
@@ -95,16 +109,23 @@ def check_precomputed_reference(policy, examples, cfg: TrainConfig, device) -> f
             f"{gap:.4g} nats over the first {len(probe)} examples (ref.check_tolerance="
             f"{cfg.ref.check_tolerance}). The data's ref_logp must come from exactly "
             f"model.name_or_path={cfg.model.name_or_path} with the same kernel and precision; "
-            "recompute them (python -m generate.ref_logps) or use ref.source=model.")
+            "recompute them (python -m generate.ref_logps) or use ref.source=model."
+        )
     return gap
 
 
 # --------------------------------------------------------------------------- the loss of a step
 
 
-def example_losses(cfg: TrainConfig, batch: Batch, logps: torch.Tensor, ref_logps: torch.Tensor,
-                   model: SequenceLogprobModel, rpo_values: torch.Tensor | None,
-                   generator: torch.Generator | None):
+def example_losses(
+    cfg: TrainConfig,
+    batch: Batch,
+    logps: torch.Tensor,
+    ref_logps: torch.Tensor,
+    model: SequenceLogprobModel,
+    rpo_values: torch.Tensor | None,
+    generator: torch.Generator | None,
+):
     """Per-example losses [E] and metrics for one micro-batch (sequences in packing order)."""
     lc, algo = cfg.loss, cfg.loss.algorithm
     if algo == "sft":
@@ -112,30 +133,55 @@ def example_losses(cfg: TrainConfig, batch: Batch, logps: torch.Tensor, ref_logp
     if algo in PAIR_ALGORITHMS:
         pc, pr = logps[0::2], logps[1::2]
         if algo == "simpo":
-            return losses.simpo_loss(pc, pr, batch.num_tokens[0::2], batch.num_tokens[1::2],
-                                     beta=lc.beta, gamma=lc.gamma)
+            return losses.simpo_loss(
+                pc, pr, batch.num_tokens[0::2], batch.num_tokens[1::2], beta=lc.beta, gamma=lc.gamma
+            )
         rc, rr = ref_logps[0::2], ref_logps[1::2]
         if algo == "dpo":
             return losses.dpo_loss(pc, pr, rc, rr, beta=lc.beta)
-        return losses.rebel_loss(pc, pr, rc, rr, batch.rewards[0::2], batch.rewards[1::2], beta=lc.beta)
+        return losses.rebel_loss(
+            pc, pr, rc, rr, batch.rewards[0::2], batch.rewards[1::2], beta=lc.beta
+        )
     if algo == "qrpo":
         return losses.qrpo_loss(
-            logps, ref_logps, batch.rewards, batch.ref_rewards, beta=lc.beta,
-            num_tokens=batch.num_tokens, length_normalized=lc.length_normalized,
-            max_beta=lc.max_beta, transform=lc.transform, ref_mask=batch.ref_mask,
+            logps,
+            ref_logps,
+            batch.rewards,
+            batch.ref_rewards,
+            beta=lc.beta,
+            num_tokens=batch.num_tokens,
+            length_normalized=lc.length_normalized,
+            max_beta=lc.max_beta,
+            transform=lc.transform,
+            ref_mask=batch.ref_mask,
             sigma=_reference_sigma(batch) if lc.transform == "scaled_normal_icdf" else None,
-            estimator=lc.estimator, exclude_index=batch.ref_index, loss_type=lc.loss_type,
-            generator=generator, backend=lc.kernel_backend,
+            estimator=lc.estimator,
+            exclude_index=batch.ref_index,
+            loss_type=lc.loss_type,
+            generator=generator,
+            backend=lc.kernel_backend,
         )
     if algo == "kto":
-        return losses.kto_loss(logps, ref_logps, batch.desirable, beta=lc.beta,
-                               desirable_weight=lc.kto_desirable_weight,
-                               undesirable_weight=lc.kto_undesirable_weight)
+        return losses.kto_loss(
+            logps,
+            ref_logps,
+            batch.desirable,
+            beta=lc.beta,
+            desirable_weight=lc.kto_desirable_weight,
+            undesirable_weight=lc.kto_undesirable_weight,
+        )
     if algo == "dro":
-        return losses.dro_loss(logps, ref_logps, batch.rewards, model.values[batch.prompt_index],
-                               tau=lc.tau)
-    return losses.rpo_partition_loss(logps, ref_logps, batch.rewards, batch.num_tokens,
-                                     rpo_values[batch.prompt_index], tau=lc.tau)
+        return losses.dro_loss(
+            logps, ref_logps, batch.rewards, model.values[batch.prompt_index], tau=lc.tau
+        )
+    return losses.rpo_partition_loss(
+        logps,
+        ref_logps,
+        batch.rewards,
+        batch.num_tokens,
+        rpo_values[batch.prompt_index],
+        tau=lc.tau,
+    )
 
 
 def _reference_sigma(batch: Batch) -> torch.Tensor:
@@ -161,17 +207,25 @@ def train(cfg: TrainConfig) -> dict:
     seqs_per_example = 2 if cfg.loss.algorithm in PAIR_ALGORITHMS else 1
     per_step = cfg.run.global_batch // seqs_per_example
     if per_step > len(examples):
-        raise ConfigError(f"run.global_batch={cfg.run.global_batch} sequences is more than the "
-                          f"{len(examples) * seqs_per_example} in the data")
+        raise ConfigError(
+            f"run.global_batch={cfg.run.global_batch} sequences is more than the "
+            f"{len(examples) * seqs_per_example} in the data"
+        )
     ref_source = reference_source(cfg, examples)
 
-    accelerator = Accelerator(mixed_precision=cfg.run.mixed_precision,
-                              log_with=list(cfg.run.trackers) or None, project_dir=cfg.run.run_dir)
+    # cpu=True on machines without CUDA: several processes then form a gloo group (MULTI_CPU).
+    accelerator = Accelerator(
+        cpu=not torch.cuda.is_available(),
+        mixed_precision=cfg.run.mixed_precision,
+        log_with=list(cfg.run.trackers) or None,
+        project_dir=cfg.run.run_dir,
+    )
     world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
     log = accelerator.print
     if per_step < world:
-        raise ConfigError(f"run.global_batch gives {per_step} examples per step, fewer than the "
-                          f"{world} processes")
+        raise ConfigError(
+            f"run.global_batch gives {per_step} examples per step, fewer than the {world} processes"
+        )
     run_dir = Path(cfg.run.run_dir)
     if accelerator.is_main_process:
         save_config(cfg, run_dir)
@@ -187,13 +241,20 @@ def train(cfg: TrainConfig) -> dict:
     causal_lm = load_model(cfg.model, device, log=log)
     if cfg.run.gradient_checkpointing:
         causal_lm.gradient_checkpointing_enable()
-    policy = SequenceLogprobModel(causal_lm, cfg.loss.kernel_backend,
-                                  num_values=num_prompts if cfg.loss.algorithm == "dro" else 0)
+    policy = SequenceLogprobModel(
+        causal_lm,
+        cfg.loss.kernel_backend,
+        num_values=num_prompts if cfg.loss.algorithm == "dro" else 0,
+    )
     policy.to(device)
     ref_model = None
     if ref_source == "model":
-        ref_cfg = ModelConfig(**{**asdict(cfg.model), "name_or_path": cfg.ref.name_or_path or cfg.model.name_or_path})
-        ref_model = SequenceLogprobModel(load_model(ref_cfg, device, log=log), cfg.loss.kernel_backend)
+        ref_cfg = ModelConfig(
+            **{**asdict(cfg.model), "name_or_path": cfg.ref.name_or_path or cfg.model.name_or_path}
+        )
+        ref_model = SequenceLogprobModel(
+            load_model(ref_cfg, device, log=log), cfg.loss.kernel_backend
+        )
         ref_model.to(device).eval().requires_grad_(False)
     elif ref_source == "data":
         gap = check_precomputed_reference(policy.eval(), examples, cfg, device)
@@ -205,12 +266,23 @@ def train(cfg: TrainConfig) -> dict:
     groups = [{"params": [p for n, p in policy.named_parameters() if n != "values"]}]
     if policy.values is not None:
         groups.append({"params": [policy.values], "lr": cfg.loss.value_lr, "weight_decay": 0.0})
-    optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
-                                  eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
-    scheduler = get_scheduler(cfg.optim.scheduler, optimizer,
-                              num_warmup_steps=int(cfg.optim.warmup_ratio * total_steps),
-                              num_training_steps=max(total_steps, 1))
-    policy, optimizer, scheduler = accelerator.prepare(policy, optimizer, scheduler)
+    optimizer = torch.optim.AdamW(
+        groups,
+        lr=cfg.optim.lr,
+        betas=tuple(cfg.optim.betas),
+        eps=cfg.optim.eps,
+        weight_decay=cfg.optim.weight_decay,
+    )
+    scheduler = get_scheduler(
+        cfg.optim.scheduler,
+        optimizer,
+        num_warmup_steps=int(cfg.optim.warmup_ratio * total_steps),
+        num_training_steps=max(total_steps, 1),
+    )
+    # The scheduler is not prepared: accelerate would step it once per process per step. It is
+    # registered so that save_state/load_state still carry it.
+    policy, optimizer = accelerator.prepare(policy, optimizer)
+    accelerator.register_for_checkpointing(scheduler)
     if accelerator.is_main_process and cfg.run.trackers:
         accelerator.init_trackers(cfg.run.project, config=_flat(cfg))
 
@@ -225,14 +297,20 @@ def train(cfg: TrainConfig) -> dict:
 
     flops_per_token = train_flops_per_token(causal_lm, with_reference=ref_model is not None)
     peak = cfg.run.peak_tflops or measure_peak_tflops(device, causal_lm.dtype)
-    log(f"{len(examples)} examples, {per_step} per step, {total_steps} steps, {world} process(es); "
-        f"reference: {ref_source}; MFU against {peak:.1f} TFLOP/s")
+    log(
+        f"{len(examples)} examples, {per_step} per step, {total_steps} steps, {world} process(es); "
+        f"reference: {ref_source}; MFU against {peak:.1f} TFLOP/s"
+    )
 
     # ---- loop
     from tqdm import tqdm
 
-    bar = tqdm(total=total_steps, initial=step, disable=not accelerator.is_main_process,
-               desc=cfg.loss.algorithm)
+    bar = tqdm(
+        total=total_steps,
+        initial=step,
+        disable=not accelerator.is_main_process,
+        desc=cfg.loss.algorithm,
+    )
     last_saved = step
     while step < total_steps:
         t0 = time.perf_counter()
@@ -253,16 +331,28 @@ def train(cfg: TrainConfig) -> dict:
             sync = k == len(micro_batches) - 1
             with nullcontext() if sync else accelerator.no_sync(policy), accelerator.autocast():
                 try:
-                    logps = policy(batch.input_ids, batch.position_ids, batch.targets, batch.cu_seqlens)
+                    logps = policy(
+                        batch.input_ids, batch.position_ids, batch.targets, batch.cu_seqlens
+                    )
                     if ref_model is not None:
                         with torch.no_grad():
-                            ref_logps = ref_model(batch.input_ids, batch.position_ids,
-                                                  batch.targets, batch.cu_seqlens).float()
+                            ref_logps = ref_model(
+                                batch.input_ids, batch.position_ids, batch.targets, batch.cu_seqlens
+                            ).float()
                     else:
                         ref_logps = batch.ref_logps
-                    gen = torch.Generator(device).manual_seed(cfg.run.seed * 7919 + step * 1009 + rank * 101 + k)
-                    per_example, metrics = example_losses(cfg, batch, logps, ref_logps,
-                                                          accelerator.unwrap_model(policy), rpo_values, gen)
+                    gen = torch.Generator(device).manual_seed(
+                        cfg.run.seed * 7919 + step * 1009 + rank * 101 + k
+                    )
+                    per_example, metrics = example_losses(
+                        cfg,
+                        batch,
+                        logps,
+                        ref_logps,
+                        accelerator.unwrap_model(policy),
+                        rpo_values,
+                        gen,
+                    )
                     local = per_example.sum()
                     # DDP averages gradients over processes, hence the factor `world`.
                     accelerator.backward(local * world / denominator)
@@ -270,7 +360,8 @@ def train(cfg: TrainConfig) -> dict:
                     raise TrainingError(
                         f"out of memory at step {step} on a micro-batch of {batch.total_tokens} "
                         f"tokens: lower run.micro_batch_tokens (now {cfg.run.micro_batch_tokens}), "
-                        "or set run.gradient_checkpointing=true") from err
+                        "or set run.gradient_checkpointing=true"
+                    ) from err
             loss_sum += local.detach()
             for name, value in metrics.items():
                 step_metrics.setdefault(name, []).append(value.detach().float().reshape(-1))
@@ -279,8 +370,11 @@ def train(cfg: TrainConfig) -> dict:
             raise TrainingError(
                 f"non-finite loss ({loss.item()}) at step {step}: stopped before the update. The "
                 f"last good checkpoint is {latest_checkpoint(run_dir) or 'none (no checkpoint yet)'}; "
-                "lower optim.lr or check the rewards and reference log-probs.")
-        grad_norm = accelerator.clip_grad_norm_(policy.parameters(), cfg.optim.max_grad_norm or math.inf)
+                "lower optim.lr or check the rewards and reference log-probs."
+            )
+        grad_norm = accelerator.clip_grad_norm_(
+            policy.parameters(), cfg.optim.max_grad_norm or math.inf
+        )
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -289,10 +383,15 @@ def train(cfg: TrainConfig) -> dict:
 
         # ---- log
         if step % cfg.run.log_every == 0 or step == total_steps:
-            tokens_all = accelerator.reduce(torch.tensor(tokens, device=device), reduction="sum").item()
+            tokens_all = accelerator.reduce(
+                torch.tensor(tokens, device=device), reduction="sum"
+            ).item()
             record = {
-                "step": step, "loss": loss.item(), "grad_norm": float(grad_norm),
-                "lr": scheduler.get_last_lr()[0], "tokens_per_s": tokens_all / elapsed,
+                "step": step,
+                "loss": loss.item(),
+                "grad_norm": float(grad_norm),
+                "lr": scheduler.get_last_lr()[0],
+                "tokens_per_s": tokens_all / elapsed,
                 "step_s": elapsed,
                 "mfu": tokens_all * flops_per_token / elapsed / (peak * 1e12 * world),
                 "peak_memory_gb": peak_memory_gb(device),
@@ -308,8 +407,9 @@ def train(cfg: TrainConfig) -> dict:
 
         # ---- checkpoint
         if (cfg.run.save_every and step % cfg.run.save_every == 0) or step == total_steps:
-            save_checkpoint(accelerator, run_dir, step, {"examples": len(examples)},
-                            cfg.run.keep_checkpoints)
+            save_checkpoint(
+                accelerator, run_dir, step, {"examples": len(examples)}, cfg.run.keep_checkpoints
+            )
             last_saved = step
     bar.close()
 
@@ -317,9 +417,12 @@ def train(cfg: TrainConfig) -> dict:
     accelerator.wait_for_everyone()
     final_dir = run_dir / "final"
     unwrapped = accelerator.unwrap_model(policy).model
-    unwrapped.save_pretrained(final_dir, is_main_process=accelerator.is_main_process,
-                              save_function=accelerator.save,
-                              state_dict=accelerator.get_state_dict(accelerator.unwrap_model(policy).model))
+    unwrapped.save_pretrained(
+        final_dir,
+        is_main_process=accelerator.is_main_process,
+        save_function=accelerator.save,
+        state_dict=accelerator.get_state_dict(accelerator.unwrap_model(policy).model),
+    )
     if accelerator.is_main_process:
         tokenizer.save_pretrained(final_dir)
         if cfg.run.plot:
@@ -339,8 +442,12 @@ def _partition_values(cfg, examples, ref_model, device, num_prompts) -> torch.Te
     seqs = [s for e in examples for s in e.sequences]
     mean_token = ref / torch.tensor([max(s.num_completion_tokens, 1) for s in seqs])
     values = losses.rpo_partition_values(
-        mean_token.double(), torch.tensor([s.reward for s in seqs], dtype=torch.float64),
-        torch.tensor([s.prompt_index for s in seqs]), num_prompts, tau=cfg.loss.tau)
+        mean_token.double(),
+        torch.tensor([s.reward for s in seqs], dtype=torch.float64),
+        torch.tensor([s.prompt_index for s in seqs]),
+        num_prompts,
+        tau=cfg.loss.tau,
+    )
     return values.float().to(device)
 
 
@@ -348,7 +455,9 @@ def _flat(cfg: TrainConfig) -> dict:
     out = {}
     for section, values in asdict(cfg).items():
         for key, value in values.items():
-            out[f"{section}.{key}"] = value if isinstance(value, (int, float, str, bool)) else str(value)
+            out[f"{section}.{key}"] = (
+                value if isinstance(value, (int, float, str, bool)) else str(value)
+            )
     return out
 
 
@@ -356,7 +465,9 @@ def _truncate_log(path: Path, step: int) -> None:
     """After a resume, drop log records of steps the checkpoint does not contain."""
     if not path.is_file():
         return
-    keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+    keep = [
+        line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step
+    ]
     path.write_text("".join(line + "\n" for line in keep))
 
 
@@ -379,7 +490,7 @@ def plot_curves(metrics_log: Path, out: Path) -> None:
         ax.plot(steps, [r.get(name, math.nan) for r in records])
         ax.set_title(name, fontsize=9)
         ax.set_xlabel("step", fontsize=8)
-    for ax in list(axes.flat)[len(names):]:
+    for ax in list(axes.flat)[len(names) :]:
         ax.axis("off")
     fig.tight_layout()
     fig.savefig(out, dpi=90)
