@@ -74,3 +74,17 @@ def test_every_shipped_yaml_loads():
     assert files
     for f in files:
         build_config(TrainConfig, f)
+
+
+def test_every_accelerate_config_loads():
+    from pathlib import Path
+
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    kinds = {}
+    for f in sorted(Path("configs/accelerate").glob("*.yaml")):
+        cfg = load_config_from_file(str(f))
+        kinds[f.stem] = (cfg.distributed_type.value, (cfg.fsdp_config or {}).get("fsdp_version"))
+    assert kinds["fsdp2_multi_gpu"] == ("FSDP", 2)
+    assert kinds["fsdp2_multi_node"] == ("FSDP", 2)
+    assert kinds["single_gpu"][0] == "NO"

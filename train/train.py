@@ -311,117 +311,100 @@ def train(cfg: TrainConfig) -> dict:
         disable=not accelerator.is_main_process,
         desc=cfg.loss.algorithm,
     )
-    last_saved = step
-    while step < total_steps:
-        t0 = time.perf_counter()
-        policy.train()
-        indices = global_batch_indices(len(examples), per_step, step, cfg.run.seed)
-        mine = [examples[i] for i in indices[rank::world]]
-        micro_batches = pack(mine, cfg.run.micro_batch_tokens)
-        if cfg.loss.algorithm == "sft":  # token-mean NLL over the whole global batch
-            denominator = sum(examples[i].sequences[0].num_completion_tokens for i in indices)
-        else:  # mean over the global batch's examples
-            denominator = len(indices)
-        loss_sum = torch.zeros((), device=device)
-        step_metrics: dict[str, list[torch.Tensor]] = {}
-        tokens = 0
-        for k, group in enumerate(micro_batches):
-            batch = collate(group, device)
-            tokens += batch.total_tokens
-            sync = k == len(micro_batches) - 1
-            with nullcontext() if sync else accelerator.no_sync(policy), accelerator.autocast():
-                try:
-                    logps = policy(
-                        batch.input_ids, batch.position_ids, batch.targets, batch.cu_seqlens
-                    )
-                    if ref_model is not None:
-                        with torch.no_grad():
-                            ref_logps = ref_model(
-                                batch.input_ids, batch.position_ids, batch.targets, batch.cu_seqlens
-                            ).float()
-                    else:
-                        ref_logps = batch.ref_logps
+    try:
+        while step < total_steps:
+            t0 = time.perf_counter()
+            policy.train()
+            indices = global_batch_indices(len(examples), per_step, step, cfg.run.seed)
+            if cfg.loss.algorithm == "sft":  # token-mean NLL over the whole global batch
+                denominator = sum(examples[i].sequences[0].num_completion_tokens for i in indices)
+            else:  # mean over the global batch's examples
+                denominator = len(indices)
+            micro_batches = pack(
+                [examples[i] for i in indices[rank::world]], cfg.run.micro_batch_tokens
+            )
+            loss_sum = torch.zeros((), device=device)
+            step_metrics: dict[str, list[torch.Tensor]] = {}
+            tokens = 0
+            for k, group in enumerate(micro_batches):
+                batch = collate(group, device)
+                tokens += batch.total_tokens
+                last = k == len(micro_batches) - 1  # gradients are all-reduced once, here
+                with nullcontext() if last else accelerator.no_sync(policy):
                     gen = torch.Generator(device).manual_seed(
                         cfg.run.seed * 7919 + step * 1009 + rank * 101 + k
                     )
-                    per_example, metrics = example_losses(
-                        cfg,
-                        batch,
-                        logps,
-                        ref_logps,
-                        accelerator.unwrap_model(policy),
-                        rpo_values,
-                        gen,
+                    local, metrics = micro_batch_loss(
+                        cfg, accelerator, policy, ref_model, batch, rpo_values, gen, step
                     )
-                    local = per_example.sum()
                     # DDP averages gradients over processes, hence the factor `world`.
                     accelerator.backward(local * world / denominator)
-                except torch.OutOfMemoryError as err:
-                    raise TrainingError(
-                        f"out of memory at step {step} on a micro-batch of {batch.total_tokens} "
-                        f"tokens: lower run.micro_batch_tokens (now {cfg.run.micro_batch_tokens}), "
-                        "or set run.gradient_checkpointing=true"
-                    ) from err
-            loss_sum += local.detach()
-            for name, value in metrics.items():
-                step_metrics.setdefault(name, []).append(value.detach().float().reshape(-1))
-        loss = accelerator.reduce(loss_sum, reduction="sum") / denominator
-        if not torch.isfinite(loss):
-            raise TrainingError(
-                f"non-finite loss ({loss.item()}) at step {step}: stopped before the update. The "
-                f"last good checkpoint is {latest_checkpoint(run_dir) or 'none (no checkpoint yet)'}; "
-                "lower optim.lr or check the rewards and reference log-probs."
+                loss_sum += local.detach()
+                for name, value in metrics.items():
+                    step_metrics.setdefault(name, []).append(value.detach().float().reshape(-1))
+            loss = accelerator.reduce(loss_sum, reduction="sum") / denominator
+            if not torch.isfinite(loss):
+                raise TrainingError(
+                    f"non-finite loss ({loss.item()}) at step {step}: stopped before the update. "
+                    f"The last good checkpoint is {latest_checkpoint(run_dir) or 'none (no checkpoint yet)'}; "
+                    "lower optim.lr or check the rewards and reference log-probs."
+                )
+            grad_norm = accelerator.clip_grad_norm_(
+                policy.parameters(), cfg.optim.max_grad_norm or math.inf
             )
-        grad_norm = accelerator.clip_grad_norm_(
-            policy.parameters(), cfg.optim.max_grad_norm or math.inf
-        )
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        elapsed = time.perf_counter() - t0
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            elapsed = time.perf_counter() - t0
 
-        # ---- log
-        if step % cfg.run.log_every == 0 or step == total_steps:
-            tokens_all = accelerator.reduce(
-                torch.tensor(tokens, device=device), reduction="sum"
-            ).item()
-            record = {
-                "step": step,
-                "loss": loss.item(),
-                "grad_norm": float(grad_norm),
-                "lr": scheduler.get_last_lr()[0],
-                "tokens_per_s": tokens_all / elapsed,
-                "step_s": elapsed,
-                "mfu": tokens_all * flops_per_token / elapsed / (peak * 1e12 * world),
-                "peak_memory_gb": peak_memory_gb(device),
-            }
-            record.update({n: torch.cat(v).nanmean().item() for n, v in step_metrics.items()})
-            if accelerator.is_main_process:
-                with metrics_log.open("a") as f:
-                    f.write(json.dumps(record) + "\n")
-                if cfg.run.trackers:
-                    accelerator.log(record, step=step)
-                bar.set_postfix(loss=f"{record['loss']:.4g}", tok_s=f"{record['tokens_per_s']:.0f}")
-        bar.update(1)
+            # ---- log
+            if step % cfg.run.log_every == 0 or step == total_steps:
+                tokens_all = accelerator.reduce(torch.tensor(tokens, device=device), "sum").item()
+                record = {
+                    "step": step,
+                    "loss": loss.item(),
+                    "grad_norm": float(grad_norm),
+                    "lr": scheduler.get_last_lr()[0],
+                    "tokens_per_s": tokens_all / elapsed,
+                    "step_s": elapsed,
+                    "mfu": tokens_all * flops_per_token / elapsed / (peak * 1e12 * world),
+                    "peak_memory_gb": peak_memory_gb(device),
+                    **{n: torch.cat(v).nanmean().item() for n, v in step_metrics.items()},
+                }
+                if accelerator.is_main_process:
+                    with metrics_log.open("a") as f:
+                        f.write(json.dumps(record) + "\n")
+                    if cfg.run.trackers:
+                        accelerator.log(record, step=step)
+                    bar.set_postfix(
+                        loss=f"{record['loss']:.4g}", tok_s=f"{record['tokens_per_s']:.0f}"
+                    )
+            bar.update(1)
 
-        # ---- checkpoint
-        if (cfg.run.save_every and step % cfg.run.save_every == 0) or step == total_steps:
-            save_checkpoint(
-                accelerator, run_dir, step, {"examples": len(examples)}, cfg.run.keep_checkpoints
-            )
-            last_saved = step
-    bar.close()
+            # ---- checkpoint
+            if (cfg.run.save_every and step % cfg.run.save_every == 0) or step == total_steps:
+                save_checkpoint(
+                    accelerator,
+                    run_dir,
+                    step,
+                    {"examples": len(examples)},
+                    cfg.run.keep_checkpoints,
+                )
+    finally:
+        bar.close()
 
     # ---- end: a plain Hugging Face checkpoint of the policy
     accelerator.wait_for_everyone()
     final_dir = run_dir / "final"
-    unwrapped = accelerator.unwrap_model(policy).model
-    unwrapped.save_pretrained(
+    # The prepared module's state dict (gathered under FSDP), less the wrapper's own parts.
+    state = accelerator.get_state_dict(policy)
+    state = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
+    accelerator.unwrap_model(policy).model.save_pretrained(
         final_dir,
         is_main_process=accelerator.is_main_process,
         save_function=accelerator.save,
-        state_dict=accelerator.get_state_dict(accelerator.unwrap_model(policy).model),
+        state_dict=state,
     )
     if accelerator.is_main_process:
         tokenizer.save_pretrained(final_dir)
@@ -430,7 +413,39 @@ def train(cfg: TrainConfig) -> dict:
         log(f"done: {step} steps; model in {final_dir}; metrics in {metrics_log}")
     if cfg.run.trackers:
         accelerator.end_training()
-    return {"steps": step, "last_checkpoint": last_saved, "run_dir": str(run_dir)}
+    return {"steps": step, "run_dir": str(run_dir), "final": str(final_dir)}
+
+
+def micro_batch_loss(
+    cfg, accelerator, policy, ref_model, batch: Batch, rpo_values, generator, step: int
+) -> tuple[torch.Tensor, dict]:
+    """Forward of one packed micro-batch: the summed per-example loss and its metrics."""
+    try:
+        with accelerator.autocast():
+            logps = policy(batch.input_ids, batch.position_ids, batch.targets, batch.cu_seqlens)
+            if ref_model is None:
+                ref_logps = batch.ref_logps
+            else:
+                with torch.no_grad():
+                    ref_logps = ref_model(
+                        batch.input_ids, batch.position_ids, batch.targets, batch.cu_seqlens
+                    ).float()
+            per_example, metrics = example_losses(
+                cfg,
+                batch,
+                logps,
+                ref_logps,
+                accelerator.unwrap_model(policy),
+                rpo_values,
+                generator,
+            )
+        return per_example.sum(), metrics
+    except torch.OutOfMemoryError as err:
+        raise TrainingError(
+            f"out of memory at step {step} on a micro-batch of {batch.total_tokens} tokens: lower "
+            f"run.micro_batch_tokens (now {cfg.run.micro_batch_tokens}) or set "
+            "run.gradient_checkpointing=true"
+        ) from err
 
 
 def _partition_values(cfg, examples, ref_model, device, num_prompts) -> torch.Tensor:
