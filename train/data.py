@@ -36,6 +36,7 @@ class Sequence:
     ref_rewards: list[float] = field(default_factory=list)
     ref_index: int = -1  # its own position among ref_rewards, when it is a reference sample
     desirable: bool = True  # KTO label
+    sigma: float = 1.0  # QRPO scaled_normal_icdf: normalised std of the prompt's ref rewards
 
     @property
     def num_completion_tokens(self) -> int:
@@ -79,7 +80,35 @@ def build_examples(rows: list[dict], cfg: TrainConfig) -> list[Example]:
             examples.extend(Example([seq(c)]) for c in comps)
     if algo in ("dro", "rpo_partition"):
         _zscore_rewards(examples)
+    if algo == "qrpo" and cfg.loss.transform == "scaled_normal_icdf":
+        _reference_sigmas(examples)
     return examples
+
+
+def _reference_sigmas(examples: list[Example]) -> None:
+    """sigma = per-prompt std (ddof 1) of the reference rewards / its mean over the train set."""
+    seqs = [s for e in examples for s in e.sequences]
+    stds = [torch.tensor(s.ref_rewards, dtype=torch.float64).std().item() for s in seqs]
+    mean = sum(stds) / len(stds)
+    for s, std in zip(seqs, stds):
+        # A prompt whose reference rewards all tie gets f(q) ~ 0: a target of "stay at the
+        # reference". The floor keeps sigma inside the kernel's domain (sigma > 0).
+        s.sigma = max(std / mean, 1e-6) if mean > 0 else 1.0
+
+
+def mismatched(examples: list[Example]) -> list[Example]:
+    """KTO's KL estimate: each prompt with the next example's completion (a cyclic shift)."""
+    seqs = [s for e in examples for s in e.sequences]
+    out = []
+    for i, s in enumerate(seqs):
+        other = seqs[(i + 1) % len(seqs)]
+        completion = other.input_ids[other.prompt_len :]
+        out.append(
+            Example(
+                [Sequence(s.input_ids[: s.prompt_len] + completion, s.prompt_len, s.prompt_index)]
+            )
+        )
+    return out
 
 
 def _sequence(
@@ -153,6 +182,7 @@ class Batch:
     ref_index: torch.Tensor  # [S] own index in ref_rewards or -1
     prompt_index: torch.Tensor  # [S]
     desirable: torch.Tensor  # [S] bool
+    sigma: torch.Tensor  # [S]
     num_examples: int
 
     @property
@@ -192,5 +222,6 @@ def collate(examples: list[Example], device: torch.device | str = "cpu") -> Batc
         ref_index=t([s.ref_index for s in seqs], torch.long),
         prompt_index=t([s.prompt_index for s in seqs], torch.long),
         desirable=t([s.desirable for s in seqs], torch.bool),
+        sigma=t([s.sigma for s in seqs], torch.float32),
         num_examples=len(examples),
     )

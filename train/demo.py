@@ -48,40 +48,79 @@ def run(cfg: DemoConfig) -> dict:
     files = write_task_data(data, n_train=cfg.n_train, n_eval=cfg.n_eval, seed=cfg.seed)
 
     _step("2/6 SFT of the tiny model on noisy demonstrations (the reference)")
-    sft = build_config(TrainConfig, "configs/train/sft_tiny.yaml", [
-        f"data.path={files['sft']}", f"run.run_dir={out / 'sft'}", f"run.epochs={cfg.sft_epochs}"])
+    sft = build_config(
+        TrainConfig,
+        "configs/train/sft_tiny.yaml",
+        [f"data.path={files['sft']}", f"run.run_dir={out / 'sft'}", f"run.epochs={cfg.sft_epochs}"],
+    )
     ref_dir = train(sft)["final"]
 
     _step(f"3/6 sample {cfg.k} completions per training prompt from the reference and score them")
-    samples = sample_and_score(GenerateConfig(
-        step="sample", out=str(data / "ref_samples.jsonl"), prompts=str(files["train_prompts"]),
-        n=cfg.k, seed=cfg.seed, model=sft.model.__class__(name_or_path=ref_dir)))
+    samples = sample_and_score(
+        GenerateConfig(
+            step="sample",
+            out=str(data / "ref_samples.jsonl"),
+            prompts=str(files["train_prompts"]),
+            n=cfg.k,
+            seed=cfg.seed,
+            model=sft.model.__class__(name_or_path=ref_dir),
+        )
+    )
     rows = [json.loads(line) for line in samples.read_text().splitlines()]
     pairs = write_jsonl(best_worst_pairs(rows), data / "ref_pairs.jsonl")
 
     _step("4/6 QRPO on every reference sample (pointwise, quantile among the prompt's samples)")
-    qrpo = build_config(TrainConfig, "configs/train/qrpo_tiny.yaml", [
-        f"model.name_or_path={ref_dir}", f"data.path={samples}", f"run.run_dir={out / 'qrpo'}",
-        f"loss.beta={cfg.qrpo_beta}", f"run.epochs={cfg.epochs}"])
+    qrpo = build_config(
+        TrainConfig,
+        "configs/train/qrpo_tiny.yaml",
+        [
+            f"model.name_or_path={ref_dir}",
+            f"data.path={samples}",
+            f"run.run_dir={out / 'qrpo'}",
+            f"loss.beta={cfg.qrpo_beta}",
+            f"run.epochs={cfg.epochs}",
+        ],
+    )
     qrpo_dir = train(qrpo)["final"]
 
     _step("5/6 DPO on best/worst pairs of the same samples")
-    dpo = build_config(TrainConfig, "configs/train/dpo_tiny.yaml", [
-        f"model.name_or_path={ref_dir}", f"data.path={pairs}", f"run.run_dir={out / 'dpo'}",
-        f"loss.beta={cfg.dpo_beta}", f"run.epochs={cfg.epochs}"])
+    dpo = build_config(
+        TrainConfig,
+        "configs/train/dpo_tiny.yaml",
+        [
+            f"model.name_or_path={ref_dir}",
+            f"data.path={pairs}",
+            f"run.run_dir={out / 'dpo'}",
+            f"loss.beta={cfg.dpo_beta}",
+            f"run.epochs={cfg.epochs}",
+        ],
+    )
     dpo_dir = train(dpo)["final"]
 
     _step("6/6 held-out comparison (task reward, win rate against the reference)")
-    results = evaluate(EvalConfig(models=[ref_dir, qrpo_dir, dpo_dir],
-                                  prompts=str(files["eval_prompts"]), out=str(out / "eval.json")))
-    print(f"\ndemo done in {time.perf_counter() - t:.0f} s; results in {out / 'eval.json'}, "
-          f"training curves in {out}/*/training_curves.png")
+    results = evaluate(
+        EvalConfig(
+            models=[ref_dir, qrpo_dir, dpo_dir],
+            prompts=str(files["eval_prompts"]),
+            out=str(out / "eval.json"),
+        )
+    )
+    print(
+        f"\ndemo done in {time.perf_counter() - t:.0f} s; results in {out / 'eval.json'}, "
+        f"training curves in {out}/*/training_curves.png"
+    )
     return results
 
 
 def main(argv: list[str] | None = None) -> None:
-    run(parse_config(DemoConfig, argv, prog="python -m train.demo",
-                     description="SFT -> sample -> QRPO and DPO -> compare, on the tiny task."))
+    run(
+        parse_config(
+            DemoConfig,
+            argv,
+            prog="python -m train.demo",
+            description="SFT -> sample -> QRPO and DPO -> compare, on the tiny task.",
+        )
+    )
 
 
 if __name__ == "__main__":

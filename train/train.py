@@ -35,6 +35,7 @@ from train.data import (
     build_examples,
     collate,
     global_batch_indices,
+    mismatched,
     pack,
     steps_per_epoch,
 )
@@ -125,6 +126,7 @@ def example_losses(
     model: SequenceLogprobModel,
     rpo_values: torch.Tensor | None,
     generator: torch.Generator | None,
+    kl_logps: tuple[torch.Tensor, torch.Tensor] | None = None,
 ):
     """Per-example losses [E] and metrics for one micro-batch (sequences in packing order)."""
     lc, algo = cfg.loss, cfg.loss.algorithm
@@ -154,7 +156,7 @@ def example_losses(
             max_beta=lc.max_beta,
             transform=lc.transform,
             ref_mask=batch.ref_mask,
-            sigma=_reference_sigma(batch) if lc.transform == "scaled_normal_icdf" else None,
+            sigma=batch.sigma if lc.transform == "scaled_normal_icdf" else None,
             estimator=lc.estimator,
             exclude_index=batch.ref_index,
             loss_type=lc.loss_type,
@@ -167,6 +169,8 @@ def example_losses(
             ref_logps,
             batch.desirable,
             beta=lc.beta,
+            kl_logps=None if kl_logps is None else kl_logps[0],
+            kl_ref_logps=None if kl_logps is None else kl_logps[1],
             desirable_weight=lc.kto_desirable_weight,
             undesirable_weight=lc.kto_undesirable_weight,
         )
@@ -182,16 +186,6 @@ def example_losses(
         rpo_values[batch.prompt_index],
         tau=lc.tau,
     )
-
-
-def _reference_sigma(batch: Batch) -> torch.Tensor:
-    """Per-prompt std (ddof 1) of the reference rewards (the paper normalises it by its mean
-    over the train set; here over the batch, documented in the README)."""
-    k = batch.ref_mask.sum(1).clamp(min=2)
-    mean = (batch.ref_rewards * batch.ref_mask).sum(1) / k
-    var = (((batch.ref_rewards - mean[:, None]) * batch.ref_mask) ** 2).sum(1) / (k - 1)
-    sigma = var.sqrt()
-    return sigma / sigma.mean().clamp(min=1e-12)
 
 
 # --------------------------------------------------------------------------- main
@@ -335,7 +329,7 @@ def train(cfg: TrainConfig) -> dict:
                         cfg.run.seed * 7919 + step * 1009 + rank * 101 + k
                     )
                     local, metrics = micro_batch_loss(
-                        cfg, accelerator, policy, ref_model, batch, rpo_values, gen, step
+                        cfg, accelerator, policy, ref_model, group, batch, rpo_values, gen, step
                     )
                     # DDP averages gradients over processes, hence the factor `world`.
                     accelerator.backward(local * world / denominator)
@@ -417,19 +411,35 @@ def train(cfg: TrainConfig) -> dict:
 
 
 def micro_batch_loss(
-    cfg, accelerator, policy, ref_model, batch: Batch, rpo_values, generator, step: int
+    cfg,
+    accelerator,
+    policy,
+    ref_model,
+    group: list[Example],
+    batch: Batch,
+    rpo_values,
+    generator,
+    step: int,
 ) -> tuple[torch.Tensor, dict]:
     """Forward of one packed micro-batch: the summed per-example loss and its metrics."""
+
+    def reference(b: Batch) -> torch.Tensor:
+        with torch.no_grad():
+            return ref_model(b.input_ids, b.position_ids, b.targets, b.cu_seqlens).float()
+
     try:
         with accelerator.autocast():
             logps = policy(batch.input_ids, batch.position_ids, batch.targets, batch.cu_seqlens)
-            if ref_model is None:
-                ref_logps = batch.ref_logps
-            else:
+            ref_logps = batch.ref_logps if ref_model is None else reference(batch)
+            kl = None
+            if cfg.loss.algorithm == "kto" and ref_model is not None:
+                # KTO's reference point: KL estimated on mismatched (prompt, completion) pairs.
+                kb = collate(mismatched(group), batch.input_ids.device)
                 with torch.no_grad():
-                    ref_logps = ref_model(
-                        batch.input_ids, batch.position_ids, batch.targets, batch.cu_seqlens
-                    ).float()
+                    kl = (
+                        policy(kb.input_ids, kb.position_ids, kb.targets, kb.cu_seqlens).float(),
+                        reference(kb),
+                    )
             per_example, metrics = example_losses(
                 cfg,
                 batch,
@@ -438,6 +448,7 @@ def micro_batch_loss(
                 accelerator.unwrap_model(policy),
                 rpo_values,
                 generator,
+                kl,
             )
         return per_example.sum(), metrics
     except torch.OutOfMemoryError as err:

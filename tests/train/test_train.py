@@ -370,3 +370,82 @@ def test_two_processes_match_one(tmp_path, data_files):
     assert moved > 2e-3
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-4)
+
+
+def test_bf16_autocast_logs_to_tensorboard_and_plots(tmp_path, data_files):
+    cfg = _cfg(
+        tmp_path,
+        data_files["grouped"],
+        "qrpo",
+        "run.max_steps=3",
+        "loss.beta=0.3",
+        "run.mixed_precision=bf16",
+        "run.trackers=[tensorboard]",
+        "run.plot=true",
+        "run.peak_tflops=0.0",
+    )
+    train(cfg)
+    run_dir = Path(cfg.run.run_dir)
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3]
+    for key in (
+        "loss",
+        "grad_norm",
+        "lr",
+        "tokens_per_s",
+        "mfu",
+        "peak_memory_gb",
+        "qrpo/q",
+        "qrpo/f_q",
+        "qrpo/beta_logz",
+        "qrpo/target",
+        "qrpo/residual",
+        "qrpo/log_ratio",
+    ):
+        assert all(map(lambda r: r[key] == r[key], records)), key  # present and not NaN
+    assert 0 < records[-1]["mfu"] < 1
+    assert list(run_dir.glob("qrpo/**/events.out.tfevents.*"))
+    assert (run_dir / "training_curves.png").stat().st_size > 10_000
+    saved = (run_dir / "config.yaml").read_text()
+    assert "mixed_precision: bf16" in saved
+
+
+def test_kto_reference_point_uses_mismatched_pairs(tmp_path, data_files):
+    from train.data import mismatched
+
+    cfg = _cfg(tmp_path, data_files["grouped"], "kto")
+    examples, _ = load_examples(cfg)
+    shifted = mismatched(examples[:3])
+    for i, ex in enumerate(shifted):
+        (s,) = ex.sequences
+        own, nxt = examples[i].sequences[0], examples[(i + 1) % 3].sequences[0]
+        assert s.input_ids[: s.prompt_len] == own.input_ids[: own.prompt_len]
+        assert s.input_ids[s.prompt_len :] == nxt.input_ids[nxt.prompt_len :]
+    cfg = _cfg(tmp_path, data_files["grouped"], "kto", "run.max_steps=2", "ref.source=model")
+    train(cfg)
+    records = [
+        json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert all(r["kto/kl"] >= 0 for r in records)
+
+
+@pytest.mark.parametrize(
+    "transform", ["log", "normal_icdf", "scaled_normal_icdf", "square", "sqrt"]
+)
+def test_qrpo_transforms_train(tmp_path, data_files, transform):
+    cfg = _cfg(
+        tmp_path,
+        data_files["grouped"],
+        "qrpo",
+        "run.max_steps=2",
+        "loss.beta=0.3",
+        f"loss.transform={transform}",
+        "loss.estimator=midrank",
+        "loss.length_normalized=true",
+        "loss.max_beta=0.5",
+    )
+    train(cfg)
+    records = [
+        json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert all(r["loss"] == r["loss"] and r["qrpo/beta"] <= 0.5 for r in records)
