@@ -193,6 +193,7 @@ def example_losses(
 
 def train(cfg: TrainConfig) -> dict:
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
     from accelerate.utils import set_seed
     from transformers import get_scheduler
 
@@ -207,6 +208,9 @@ def train(cfg: TrainConfig) -> dict:
         )
     ref_source = reference_source(cfg, examples)
 
+    # One process may run several trainings (the demo, tests): accelerate keeps a singleton
+    # state that would pin the first run's mixed precision; the process group is kept.
+    AcceleratorState._reset_state()
     # cpu=True on machines without CUDA: several processes then form a gloo group (MULTI_CPU).
     accelerator = Accelerator(
         cpu=not torch.cuda.is_available(),
