@@ -5,6 +5,7 @@ import sys
 from common.config import ConfigError, parse_config
 from common.data import DataError
 from train.config import TrainConfig
+from train.preemption import EXIT_PREEMPTED
 from train.train import TrainingError, train
 
 
@@ -16,10 +17,12 @@ def main(argv: list[str] | None = None) -> None:
         description="Train a policy with SFT, QRPO or a baseline.",
     )
     try:
-        train(cfg)
+        result = train(cfg)
     except (ConfigError, DataError, TrainingError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    if result.get("preempted"):
+        sys.exit(EXIT_PREEMPTED)
 
 
 if __name__ == "__main__":

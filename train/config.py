@@ -95,6 +95,9 @@ class RunConfig:
     project: str = doc("qrpo", "tracker project name")
     peak_tflops: float = doc(0.0, "peak TFLOP/s for MFU (0: measure a matmul at start)")
     plot: bool = doc(True, "write training_curves.png at the end")
+    preempt_signals: list = doc(
+        ["SIGUSR2"], "signals that mean 'checkpoint at the next step and exit with code 75'"
+    )
     wandb_name: Optional[str] = doc(None, "run name for wandb")
 
     def __post_init__(self):

@@ -40,6 +40,7 @@ from train.data import (
     steps_per_epoch,
 )
 from train.model import SequenceLogprobModel
+from train.preemption import PreemptionFlag
 
 
 class TrainingError(RuntimeError):
@@ -303,6 +304,7 @@ def train(cfg: TrainConfig) -> dict:
     # ---- loop
     from tqdm import tqdm
 
+    preemption = PreemptionFlag(cfg.run.preempt_signals)
     bar = tqdm(
         total=total_steps,
         initial=step,
@@ -380,8 +382,13 @@ def train(cfg: TrainConfig) -> dict:
                     )
             bar.update(1)
 
-            # ---- checkpoint
-            if (cfg.run.save_every and step % cfg.run.save_every == 0) or step == total_steps:
+            # ---- checkpoint; on a preemption signal, all processes agree here, save, and stop
+            stop = preemption.agreed(accelerator)
+            if (
+                stop
+                or (cfg.run.save_every and step % cfg.run.save_every == 0)
+                or step == total_steps
+            ):
                 save_checkpoint(
                     accelerator,
                     run_dir,
@@ -389,8 +396,12 @@ def train(cfg: TrainConfig) -> dict:
                     {"examples": len(examples)},
                     cfg.run.keep_checkpoints,
                 )
+            if stop and step < total_steps:
+                log(f"preempted: checkpoint at step {step} saved; rerun the same command to resume")
+                return {"steps": step, "run_dir": str(run_dir), "preempted": True}
     finally:
         bar.close()
+        preemption.restore()
 
     # ---- end: a plain Hugging Face checkpoint of the policy
     accelerator.wait_for_everyone()
@@ -411,7 +422,7 @@ def train(cfg: TrainConfig) -> dict:
         log(f"done: {step} steps; model in {final_dir}; metrics in {metrics_log}")
     if cfg.run.trackers:
         accelerator.end_training()
-    return {"steps": step, "run_dir": str(run_dir), "final": str(final_dir)}
+    return {"steps": step, "run_dir": str(run_dir), "final": str(final_dir), "preempted": False}
 
 
 def micro_batch_loss(

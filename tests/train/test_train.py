@@ -270,46 +270,68 @@ def _env():
     return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 
 
-def test_killed_run_resumes_to_identical_losses(tmp_path, data_files):
-    steps = 24
-    full = tmp_path / "full"
+STEPS = 24
+
+
+def _resumable(run_dir: Path, data: str) -> list[str]:
+    return [
+        sys.executable,
+        *_cli(run_dir, data, f"run.max_steps={STEPS}", "run.epochs=3", "run.save_every=3"),
+    ]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, data_files) -> list[float]:
+    run_dir = tmp_path_factory.mktemp("full")
     subprocess.run(
-        [
-            sys.executable,
-            *_cli(full, data_files["grouped"], f"run.max_steps={steps}", "run.epochs=3"),
-        ],
+        _resumable(run_dir, data_files["grouped"]),
         check=True,
         cwd=ROOT,
         env=_env(),
         capture_output=True,
     )
-    killed = tmp_path / "killed"
-    args = [
-        sys.executable,
-        *_cli(
-            killed,
-            data_files["grouped"],
-            f"run.max_steps={steps}",
-            "run.epochs=3",
-            "run.save_every=3",
-        ),
-    ]
+    losses = _losses(run_dir)
+    assert len(losses) == STEPS
+    return losses
+
+
+def _wait_for_checkpoint(run_dir: Path, step: int, timeout: float = 120) -> None:
+    marker = run_dir / "checkpoints" / "latest"
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if marker.exists() and marker.read_text().strip() >= f"step_{step:08d}":
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"no checkpoint at step {step} within {timeout} s")
+
+
+def test_killed_run_resumes_to_identical_losses(tmp_path, data_files, uninterrupted):
+    args = _resumable(tmp_path, data_files["grouped"])
     proc = subprocess.Popen(
         args, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
-    marker = killed / "checkpoints" / "latest"
-    deadline = time.time() + 120
-    while time.time() < deadline and not (
-        marker.exists() and marker.read_text().strip() >= "step_00000006"
-    ):
-        time.sleep(0.05)
+    _wait_for_checkpoint(tmp_path, 6)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    stopped_at = len(_losses(killed))
-    assert 6 <= stopped_at < steps, "the run must be killed mid-way"
+    assert 6 <= len(_losses(tmp_path)) < STEPS, "the run must be killed mid-way"
     subprocess.run(args, check=True, cwd=ROOT, env=_env(), capture_output=True)
-    assert _losses(killed) == _losses(full)  # bitwise, every step
-    assert len(_losses(full)) == steps
+    assert _losses(tmp_path) == uninterrupted  # bitwise, every step
+
+
+def test_preemption_signal_saves_exits_75_and_resumes(tmp_path, data_files, uninterrupted):
+    args = _resumable(tmp_path, data_files["grouped"])
+    proc = subprocess.Popen(
+        args, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    _wait_for_checkpoint(tmp_path, 3)
+    proc.send_signal(signal.SIGUSR2)
+    assert proc.wait(timeout=120) == 75
+    done = len(_losses(tmp_path))
+    assert done < STEPS
+    # The checkpoint is at the step where the processes agreed, not at the last save_every.
+    assert (tmp_path / "checkpoints" / "latest").read_text().strip() == f"step_{done:08d}"
+    subprocess.run(args, check=True, cwd=ROOT, env=_env(), capture_output=True)
+    assert _losses(tmp_path) == uninterrupted
 
 
 def test_two_processes_match_one(tmp_path, data_files):
