@@ -1,1 +1,2 @@
-"""Reference data: the embedded task's files, samples of the reference model, their rewards."""
+"""Reference data for QRPO: the task's files, reference samples, rewards, training rows, and
+reference log-probs; sharded, resumable and idempotent (see generate/pipeline.py)."""

@@ -256,7 +256,8 @@ def train(cfg: TrainConfig) -> dict:
         )
         ref_model.to(device).eval().requires_grad_(False)
     elif ref_source == "data":
-        gap = check_precomputed_reference(policy.eval(), examples, cfg, device)
+        with accelerator.autocast():  # the same precision as the loop's own forward
+            gap = check_precomputed_reference(policy.eval(), examples, cfg, device)
         log(f"reference: precomputed log-probs match the starting policy (max gap {gap:.2e} nats)")
     rpo_values = None
     if cfg.loss.algorithm == "rpo_partition":

@@ -1,0 +1,178 @@
+"""One configuration tree for every step of the reference-data pipeline.
+
+Every step (`python -m generate.sample`, `.reward`, `.build`, `.ref_logps`, `.merge`, and
+`python -m generate.pipeline`, which runs them in order) takes the same tree, so one YAML file
+describes a whole run and each node of a SLURM array runs the same commands with its own shard:
+
+    python -m generate.pipeline --config gen.yaml shard=3 num_shards=64
+    python -m generate.reward --config gen.yaml shard=3 num_shards=64   # one step alone
+
+A step reads the output folder of the step before it in `steps` (`OUT/<that step>`), or
+`data.path` when it comes first, and writes `OUT/<step>/shard-*/chunk-*.parquet`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+from common.config import ConfigError, doc, sub
+from common.data import DataConfig
+from common.model import ModelConfig
+
+STEPS = ("sample", "reward", "build", "ref_logps", "merge")
+REGIMES = ("pointwise", "best_worst", "random_pairs", "offline")
+
+
+@dataclass
+class SampleConfig:
+    n: int = doc(8, "completions per prompt: the K reference samples (paper: 50)")
+    temperature: float = doc(1.0, "sampling temperature (0: greedy)")
+    top_p: float = doc(1.0, "nucleus sampling: keep the most likely tokens up to this mass")
+    max_new_tokens: int = doc(256, "longest completion, in tokens")
+    seed: int = doc(0, "base seed; each (prompt id, sample index) draws from its own stream")
+    batch_size: int = doc(64, "sequences per generate() call (transformers backend)")
+    backend: str = doc("auto", "transformers | vllm | auto (vllm when installed and on CUDA)")
+    vllm_memory: float = doc(0.85, "vllm: fraction of GPU memory it may take")
+
+    def __post_init__(self):
+        if self.n < 0:
+            raise ConfigError("sample.n must be >= 0 (0 keeps only the data's own completions)")
+        if self.temperature < 0 or not 0 < self.top_p <= 1:
+            raise ConfigError("sample.temperature must be >= 0 and sample.top_p in (0, 1]")
+        if self.max_new_tokens < 1 or self.batch_size < 1:
+            raise ConfigError("sample.max_new_tokens and sample.batch_size must be >= 1")
+        if self.backend not in ("auto", "transformers", "vllm"):
+            raise ConfigError(
+                f"sample.backend must be auto | transformers | vllm, got '{self.backend}'"
+            )
+
+
+@dataclass
+class RewardConfig:
+    fn: str = doc(
+        "task",
+        "a registered reward (task = the embedded sorting task), 'package.module:function' "
+        "taking (prompt, completion) -> float, or 'model' (reward.model)",
+    )
+    model: str = doc("", "fn=model: sequence-classification reward model, path or hub name")
+    max_length: int = doc(2048, "fn=model: truncate prompt+completion to this many tokens")
+    truncation_side: str = doc("right", "fn=model: which end to cut: right | left")
+    batch_size: int = doc(16, "fn=model: sequences per forward")
+    dtype: str = doc("float32", "fn=model: weights dtype: float32 | bfloat16 | float16")
+    label_index: int = doc(0, "fn=model: which output logit is the reward")
+    trust_remote_code: bool = doc(False, "fn=model: allow the model's own code (e.g. ArmoRM)")
+    keep_existing: bool = doc(
+        False, "keep rewards already in the data and score only the missing ones"
+    )
+
+    def __post_init__(self):
+        if self.fn == "model" and not self.model:
+            raise ConfigError("reward.fn=model needs reward.model=PATH")
+        if self.truncation_side not in ("right", "left"):
+            raise ConfigError("reward.truncation_side must be right | left")
+
+
+@dataclass
+class BuildConfig:
+    regime: str = doc(
+        "pointwise",
+        "pointwise (every reference sample) | best_worst (best and worst sample) | "
+        "random_pairs | offline (the data's own chosen/rejected or completions, scored)",
+    )
+    pairs_per_prompt: int = doc(1, "random_pairs: disjoint pairs per prompt")
+    seed: int = doc(0, "random_pairs: base seed (each prompt id draws its own pairs)")
+
+    def __post_init__(self):
+        if self.regime not in REGIMES:
+            raise ConfigError(f"build.regime must be one of {REGIMES}, got '{self.regime}'")
+        if self.pairs_per_prompt < 1:
+            raise ConfigError("build.pairs_per_prompt must be >= 1")
+
+
+@dataclass
+class RefLogpsConfig:
+    micro_batch_tokens: int = doc(4096, "tokens per packed batch (as run.micro_batch_tokens)")
+    kernel_backend: str = doc("auto", "log-prob kernel, as the training run's loss.kernel_backend")
+    mixed_precision: str = doc("no", "autocast, as the training run's run.mixed_precision")
+    device: str = doc("auto", "auto (cuda when available) | cpu | cuda")
+
+    def __post_init__(self):
+        if self.mixed_precision not in ("no", "bf16", "fp16"):
+            raise ConfigError("ref_logps.mixed_precision must be no | bf16 | fp16")
+        if self.kernel_backend not in ("auto", "triton", "torch", "naive"):
+            raise ConfigError("ref_logps.kernel_backend must be auto | triton | torch | naive")
+
+
+@dataclass
+class MergeConfig:
+    step: str = doc("", "step whose shards to merge (default: the step before merge in steps)")
+    output: str = doc("", "merged file, .parquet or .jsonl (default: OUT/<step>.parquet)")
+    allow_partial: bool = doc(
+        False, "write what is there even when shards, chunks or rows are missing or duplicated"
+    )
+
+
+@dataclass
+class PipelineConfig:
+    """The whole reference-data pipeline; each step reads the sections it needs."""
+
+    data: DataConfig = sub(
+        DataConfig, "input of the first step: any data format, or prompts-only JSONL"
+    )
+    out: str = doc("runs/generate", "output folder: OUT/<step>/shard-*/chunk-*.parquet")
+    steps: list = doc(list(STEPS), f"steps of the pipeline, in order, from {list(STEPS)}")
+    shard: int = doc(-1, "this shard (-1: $SLURM_ARRAY_TASK_ID - $SLURM_ARRAY_TASK_MIN, or 0)")
+    num_shards: int = doc(0, "number of shards (0: $SLURM_ARRAY_TASK_COUNT, or 1)")
+    chunk_size: int = doc(64, "prompts per chunk file: the unit of resumption")
+    model: ModelConfig = sub(ModelConfig, "the reference model: samples and reference log-probs")
+    sample: SampleConfig = sub(SampleConfig, "sampling the reference model")
+    reward: RewardConfig = sub(RewardConfig, "scoring completions")
+    build: BuildConfig = sub(BuildConfig, "training rows by regime")
+    ref_logps: RefLogpsConfig = sub(RefLogpsConfig, "reference log-probs of training completions")
+    merge: MergeConfig = sub(MergeConfig, "combining the shards of a step into one file")
+
+    def __post_init__(self):
+        unknown = [s for s in self.steps if s not in STEPS]
+        if unknown or len(set(self.steps)) != len(self.steps):
+            raise ConfigError(f"steps must be distinct names from {list(STEPS)}, got {self.steps}")
+        if self.chunk_size < 1:
+            raise ConfigError("chunk_size must be >= 1")
+        if self.num_shards < 0 or (self.num_shards and self.shard >= self.num_shards):
+            raise ConfigError(f"shard={self.shard} must be < num_shards={self.num_shards}")
+
+
+def step_input(cfg: PipelineConfig, step: str) -> tuple[str, bool]:
+    """(path, whether it is a step's output folder): the folder of the step before `step` in
+    `cfg.steps`, or data.path for the first step."""
+    order = [s for s in cfg.steps if s != "merge"]
+    if step in order and order.index(step) > 0:
+        return str(Path(cfg.out) / order[order.index(step) - 1]), True
+    if not cfg.data.path:
+        raise ConfigError(f"step {step} comes first in steps={cfg.steps}: give data.path=FILE")
+    return cfg.data.path, False
+
+
+def fingerprint(cfg: PipelineConfig, step: str) -> dict:
+    """What decides a step's output: a resumed shard must have been started with the same."""
+    sections = {
+        "sample": {"model": cfg.model.name_or_path, "sample": dataclasses.asdict(cfg.sample)},
+        "reward": {"reward": dataclasses.asdict(cfg.reward)},
+        "build": {"build": dataclasses.asdict(cfg.build)},
+        "ref_logps": {
+            "model": cfg.model.name_or_path,
+            "dtype": cfg.model.dtype,
+            "kernel_backend": cfg.ref_logps.kernel_backend,
+            "mixed_precision": cfg.ref_logps.mixed_precision,
+        },
+    }
+    out = sections[step]
+    # Batch sizes and memory change nothing in the result (seeds are per prompt).
+    for section, key in (
+        ("sample", "batch_size"),
+        ("sample", "vllm_memory"),
+        ("reward", "batch_size"),
+    ):
+        out.get(section, {}).pop(key, None)
+    return out

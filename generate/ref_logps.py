@@ -1,0 +1,84 @@
+r"""Step 3, `python -m generate.ref_logps`: summed reference log-probs of every completion.
+
+    python -m generate.ref_logps out=runs/gen model.name_or_path=REF \
+        ref_logps.micro_batch_tokens=16384 ref_logps.mixed_precision=bf16
+
+With precomputed log-probs, training holds no reference model (`ref.source=data`). They must be
+what the training loop would compute at step 0, so this step runs the training loop's own code:
+common.tokenize for the tokens (completion + EOS), `train.model.SequenceLogprobModel` (the
+no-logits kernel `kernels.sequence_logprobs`) and `train.train.sequence_logps` over
+`train.data.pack`/`collate` micro-batches. Give it the training run's model, dtype, kernel
+backend and mixed precision; the loop checks the first `ref.check_rows` rows against the start
+policy before training. Nothing is truncated here: rows over the training run's
+data.max_length are the training run's to drop or refuse.
+
+It fills `ref_logp` of every completion of its input rows: after `build` (the default order)
+that is every training completion; before it, every sample.
+"""
+
+from __future__ import annotations
+
+import sys
+from contextlib import nullcontext
+
+import torch
+
+from common.data import DataConfig
+from common.tokenize import tokenize_rows
+
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def make_worker(cfg, source: str):
+    from common.model import load_model, load_tokenizer
+    from train.data import Example, Sequence
+    from train.model import SequenceLogprobModel
+    from train.train import sequence_logps
+
+    rc = cfg.ref_logps
+    if rc.device == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(rc.device)
+    tokenizer = load_tokenizer(cfg.model)
+    model = SequenceLogprobModel(load_model(cfg.model, device), rc.kernel_backend)
+    model.to(device).eval().requires_grad_(False)
+    no_limit = DataConfig(max_length=sys.maxsize)
+
+    def work(rows: list[dict]) -> tuple[list[dict], int]:
+        if not rows:
+            return [], 0
+        tokenized, _ = tokenize_rows(rows, tokenizer, no_limit, source)
+        # One example per completion, built as train.data.build_examples builds a sequence.
+        examples = [
+            Example([Sequence(r["prompt_ids"] + c["completion_ids"], len(r["prompt_ids"]), 0)])
+            for r in tokenized
+            for c in r["completions"]
+        ]
+        autocast = (
+            torch.autocast(device.type, dtype=_DTYPES[rc.mixed_precision])
+            if rc.mixed_precision != "no"
+            else nullcontext()
+        )
+        with autocast:
+            logps = sequence_logps(model, examples, rc.micro_batch_tokens, device).cpu().tolist()
+        values = iter(logps)
+        out = [
+            {**r, "completions": [{**c, "ref_logp": next(values)} for c in r["completions"]]}
+            for r in rows
+        ]
+        return out, sum(e.num_tokens for e in examples)
+
+    return work
+
+
+def main(argv: list[str] | None = None) -> None:
+    from generate.pipeline import cli
+
+    cli("ref_logps", argv, __doc__)
+
+
+if __name__ == "__main__":
+    from generate.pipeline import exit_on_error
+
+    exit_on_error(main, sys.argv[1:])
