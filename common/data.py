@@ -172,11 +172,11 @@ def detect_format(columns: set[str], source: str) -> str:
     )
 
 
-def _hash(obj: Any) -> str:
+def content_hash(obj: Any) -> str:
     return hashlib.sha1(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
 
 
-class _Row:
+class RowReader:
     """Field access for one source row that reports problems with their location."""
 
     def __init__(self, row: Any, index: int, source: str):
@@ -246,9 +246,9 @@ class _Row:
 
 def to_canonical(row: dict, index: int, fmt: str, source: str, require_rewards: bool) -> dict:
     """One source row in `fmt` -> one canonical row; raises DataError naming the field."""
-    r = _Row(row, index, source)
+    r = RowReader(row, index, source)
     prompt, messages = r.prompt()
-    prompt_id = str(row.get("prompt_id") or _hash(messages or prompt))
+    prompt_id = str(row.get("prompt_id") or content_hash(messages or prompt))
     ref_rewards = r.numbers("ref_rewards")
     chosen = rejected = -1
     if fmt == "grouped":
@@ -283,7 +283,7 @@ def to_canonical(row: dict, index: int, fmt: str, source: str, require_rewards: 
             reward = r.number(row.get(score), score, require_rewards)
             completions.append(
                 {
-                    "completion_id": f"{prompt_id}:{_hash(text)[:12]}",
+                    "completion_id": f"{prompt_id}:{content_hash(text)[:12]}",
                     "text": text,
                     "reward": reward,
                     "ref_logp": r.number(row.get(f"ref_logp_{name}"), f"ref_logp_{name}", False),
@@ -306,7 +306,9 @@ def to_canonical(row: dict, index: int, fmt: str, source: str, require_rewards: 
             )
         completions = [
             {
-                "completion_id": str(row.get("completion_id") or f"{prompt_id}:{_hash(text)[:12]}"),
+                "completion_id": str(
+                    row.get("completion_id") or f"{prompt_id}:{content_hash(text)[:12]}"
+                ),
                 "text": text,
                 "reward": r.number(row.get("reward"), "reward", require_rewards),
                 "ref_logp": r.number(row.get("ref_logp"), "ref_logp", False),

@@ -28,8 +28,8 @@ from common.data import (
     CANONICAL_COLUMNS,
     DataConfig,
     DataError,
-    _hash,
-    _Row,
+    RowReader,
+    content_hash,
     detect_format,
     read_rows,
     to_canonical,
@@ -84,7 +84,7 @@ def features():
 
 def prompt_id_of(prompt: str | list[dict]) -> str:
     """The id common.data gives a prompt without one: the same prompt has it in every file."""
-    return _hash(prompt)
+    return content_hash(prompt)
 
 
 def completion(
@@ -125,7 +125,7 @@ def _info(row: Any) -> str:
 
 def _prompt_row(row: Any, index: int, source: str) -> dict:
     """A prompts-only row `{"prompt": ..., "prompt_id"?: ...}` -> a group without completions."""
-    r = _Row(row, index, source)  # the foundation's checks of the prompt, with its messages
+    r = RowReader(row, index, source)  # the foundation's checks of the prompt, with its messages
     prompt, messages = r.prompt()
     return {
         "prompt_id": str(row.get("prompt_id") or prompt_id_of(messages or prompt)),
