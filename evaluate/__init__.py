@@ -1,9 +1,9 @@
 """Evaluation of trained policies against their reference.
 
-    evaluate.py      `python -m evaluate`: sample, score, compare; JSON, Markdown and plots
-    metrics.py       win rates, length-controlled reward, KL estimates, Spearman, pass@k
-    rewards.py       scorers: the embedded task, a reward model, code tests
-    code_reward.py   code problems: one sandboxed test per assert, reward = fraction passed
-    sandbox.py       isolated execution of untrusted code (child side: sandbox_child.py)
-    plots.py         reward-vs-KL, bars, length histograms
+evaluate.py      `python -m evaluate`: sample, score, compare; JSON, Markdown and plots
+metrics.py       win rates, length-controlled reward, KL estimates, Spearman, pass@k
+rewards.py       scorers: the embedded task, a reward model, code tests
+code_reward.py   code problems: one sandboxed test per assert, reward = fraction passed
+sandbox.py       isolated execution of untrusted code (child side: sandbox_child.py)
+plots.py         reward-vs-KL, bars, length histograms
 """
