@@ -7,15 +7,11 @@ from it, and compare all three on held-out prompts. About two minutes on two CPU
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from common.config import build_config, doc, parse_config
-from common.data import write_jsonl
-from generate.__main__ import GenerateConfig, sample_and_score
-from generate.build import best_worst_pairs
 from train.config import TrainConfig
 from train.train import train
 
@@ -24,12 +20,14 @@ from train.train import train
 class DemoConfig:
     out: str = doc("runs/demo", "folder for data, runs and the comparison")
     k: int = doc(8, "reference samples per training prompt")
+    n_sft: int = doc(2000, "SFT demonstrations")
     n_train: int = doc(256, "training prompts")
     n_eval: int = doc(64, "held-out prompts")
     sft_epochs: int = doc(6, "SFT epochs over the noisy demonstrations")
     qrpo_beta: float = doc(0.3, "QRPO beta")
     dpo_beta: float = doc(0.1, "DPO beta")
     epochs: int = doc(2, "QRPO and DPO epochs (same budget for both)")
+    global_batch: int = doc(0, "QRPO and DPO sequences per step (0: their configs' values)")
     seed: int = doc(0, "seed")
 
 
@@ -41,63 +39,119 @@ def _step(title: str) -> float:
 def run(cfg: DemoConfig) -> dict:
     from common.tiny import write_task_data
     from evaluate.__main__ import EvalConfig, evaluate
+    from generate.config import PipelineConfig
+    from generate.pipeline import run_pipeline
 
     out = Path(cfg.out)
     data = out / "data"
-    t = _step(f"1/6 task data -> {data}")
-    files = write_task_data(data, n_train=cfg.n_train, n_eval=cfg.n_eval, seed=cfg.seed)
+    t = _step(f"1/6 task data and the tiny model -> {data}")
+    files = write_task_data(
+        data, n_sft=cfg.n_sft, n_train=cfg.n_train, n_eval=cfg.n_eval, seed=cfg.seed
+    )
 
-    _step("2/6 SFT of the tiny model on noisy demonstrations (the reference)")
+    _step("2/6 SFT of the tiny model on noisy demonstrations: the reference")
     sft = build_config(
         TrainConfig,
         "configs/train/sft_tiny.yaml",
-        [f"data.path={files['sft']}", f"run.run_dir={out / 'sft'}", f"run.epochs={cfg.sft_epochs}"],
+        [
+            f"data.path={files['sft']}",
+            f"run.run_dir={out / 'sft'}",
+            f"run.epochs={cfg.sft_epochs}",
+            f"run.seed={cfg.seed}",
+        ],
     )
     ref_dir = train(sft)["final"]
 
-    _step(f"3/6 sample {cfg.k} completions per training prompt from the reference and score them")
-    samples = sample_and_score(
-        GenerateConfig(
-            step="sample",
-            out=str(data / "ref_samples.jsonl"),
-            prompts=str(files["train_prompts"]),
-            n=cfg.k,
-            seed=cfg.seed,
-            model=sft.model.__class__(name_or_path=ref_dir),
+    _step(
+        f"3/6 reference data: {cfg.k} samples per training prompt, task rewards, training rows, "
+        "reference log-probs (generate pipeline)"
+    )
+    gen = out / "generate"
+    common = [f"model.name_or_path={ref_dir}", "chunk_size=64"]
+    run_pipeline(
+        build_config(
+            PipelineConfig,
+            None,
+            [
+                f"data.path={files['train_prompts']}",
+                f"out={gen / 'pointwise'}",
+                f"sample.n={cfg.k}",
+                "sample.max_new_tokens=24",
+                f"sample.seed={cfg.seed}",
+                "reward.fn=task",
+                "build.regime=pointwise",
+                "steps=[sample,reward,build,ref_logps,merge]",
+                *common,
+            ],
         )
     )
-    rows = [json.loads(line) for line in samples.read_text().splitlines()]
-    pairs = write_jsonl(best_worst_pairs(rows), data / "ref_pairs.jsonl")
+    run_pipeline(
+        build_config(
+            PipelineConfig,
+            None,
+            [
+                f"data.path={files['train_prompts']}",
+                f"out={gen / 'pointwise'}",
+                f"sample.n={cfg.k}",
+                "sample.max_new_tokens=24",
+                f"sample.seed={cfg.seed}",
+                "reward.fn=task",
+                "steps=[merge]",
+                "merge.step=reward",
+                *common,
+            ],
+        )
+    )
+    run_pipeline(
+        build_config(
+            PipelineConfig,
+            None,
+            [
+                f"data.path={gen / 'pointwise' / 'reward.parquet'}",
+                f"out={gen / 'pairs'}",
+                "build.regime=best_worst",
+                "steps=[build,ref_logps,merge]",
+                *common,
+            ],
+        )
+    )
 
-    _step("4/6 QRPO on every reference sample (pointwise, quantile among the prompt's samples)")
+    batch = [f"run.global_batch={cfg.global_batch}"] if cfg.global_batch else []
+    _step("4/6 QRPO on every reference sample (pointwise; quantile among the prompt's others)")
     qrpo = build_config(
         TrainConfig,
         "configs/train/qrpo_tiny.yaml",
         [
             f"model.name_or_path={ref_dir}",
-            f"data.path={samples}",
+            f"data.path={gen / 'pointwise' / 'ref_logps.parquet'}",
             f"run.run_dir={out / 'qrpo'}",
             f"loss.beta={cfg.qrpo_beta}",
             f"run.epochs={cfg.epochs}",
+            "ref.source=data",
+            f"run.seed={cfg.seed}",
+            *batch,
         ],
     )
     qrpo_dir = train(qrpo)["final"]
 
-    _step("5/6 DPO on best/worst pairs of the same samples")
+    _step("5/6 DPO on best/worst pairs of the same samples, same epochs")
     dpo = build_config(
         TrainConfig,
         "configs/train/dpo_tiny.yaml",
         [
             f"model.name_or_path={ref_dir}",
-            f"data.path={pairs}",
+            f"data.path={gen / 'pairs' / 'ref_logps.parquet'}",
             f"run.run_dir={out / 'dpo'}",
             f"loss.beta={cfg.dpo_beta}",
             f"run.epochs={cfg.epochs}",
+            "ref.source=data",
+            f"run.seed={cfg.seed}",
+            *batch,
         ],
     )
     dpo_dir = train(dpo)["final"]
 
-    _step("6/6 held-out comparison (task reward, win rate against the reference)")
+    _step("6/6 held-out comparison against the reference")
     results = evaluate(
         EvalConfig(
             models=[ref_dir, qrpo_dir, dpo_dir],
@@ -106,8 +160,9 @@ def run(cfg: DemoConfig) -> dict:
         )
     )
     print(
-        f"\ndemo done in {time.perf_counter() - t:.0f} s; results in {out / 'eval.json'}, "
-        f"training curves in {out}/*/training_curves.png"
+        f"\ndemo done in {time.perf_counter() - t:.0f} s. Outputs: {out}/eval.md (table), "
+        f"{out}/eval.json, {out}/*.png (plots), {out}/*/training_curves.png, "
+        f"{out}/*/final (models)"
     )
     return results
 
