@@ -62,8 +62,8 @@ SPECIALS = ("<pad>", "<s>", "</s>", "<unk>")  # ids 0..3; words t0, t1, ... foll
 PAD, BOS, EOS, UNK = SPECIALS
 OUR_SYSTEMS = {  # name -> (algorithm, reference source, data file)
     "ours_dpo": ("dpo", "model", "pairs.jsonl"),
-    "ours_dpo_precomputed": ("dpo", "data", "pairs_ref.jsonl"),
-    "ours_qrpo_precomputed": ("qrpo", "data", "pairs_ref.jsonl"),
+    "ours_dpo_precomputed": ("dpo", "data", "pairs_ref_dpo.jsonl"),
+    "ours_qrpo_precomputed": ("qrpo", "data", "pairs_ref_qrpo.jsonl"),
     "ours_qrpo_reference": ("qrpo", "model", "pairs.jsonl"),
 }
 SYSTEMS = (*OUR_SYSTEMS, "trl_dpo")
@@ -313,16 +313,29 @@ def prepare(cfg: BenchConfig) -> dict:
 
     rows = synthetic_pairs(cfg, cfg.total_steps * cfg.pairs_per_step)
     _write_jsonl(work / "pairs.jsonl", rows)
-    # Reference log-probs with our own code on the saved model, exactly as the loop's step-0
-    # check recomputes them (fp32, same kernel backend).
-    tcfg = _train_config(cfg, "ours_qrpo_reference", work, work / "unused")
-    examples, _ = load_examples(tcfg)
-    ref = SequenceLogprobModel(load_model(tcfg.model, device), tcfg.loss.kernel_backend)
-    logps = sequence_logps(ref.to(device).eval(), examples, tcfg.run.micro_batch_tokens, device)
-    logps = logps.cpu().tolist()
-    for i, row in enumerate(rows):  # qrpo examples: chosen, rejected of each pair, in order
-        row["ref_logp_chosen"], row["ref_logp_rejected"] = logps[2 * i], logps[2 * i + 1]
-    _write_jsonl(work / "pairs_ref.jsonl", rows)
+    # Reference log-probs with our own code on the saved model, as the loop's step-0 check
+    # recomputes them: same kernel, same autocast, and the checked rows packed as the check packs
+    # them (the first ref.check_rows examples on their own), so that under bf16 the two agree to
+    # the bit rather than to the rounding of differently shaped GEMMs. One file per algorithm:
+    # its examples (pairs or single sequences) decide the check's packing.
+    ref = None
+    for system in [s for s in OUR_SYSTEMS if OUR_SYSTEMS[s][1] == "data" and s in cfg.systems]:
+        tcfg = _train_config(cfg, system, work, work / "unused")
+        tcfg.data.path = str(work / "pairs.jsonl")
+        examples, _ = load_examples(tcfg)
+        if ref is None:
+            ref = SequenceLogprobModel(load_model(tcfg.model, device), tcfg.loss.kernel_backend)
+            ref.to(device).eval().requires_grad_(False)
+        n, budget = tcfg.ref.check_rows, tcfg.run.micro_batch_tokens
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16"):
+            logps = [
+                *sequence_logps(ref, examples[:n], budget, device).cpu().tolist(),
+                *sequence_logps(ref, examples[n:], budget, device).cpu().tolist(),
+            ]
+        refs = [dict(r) for r in rows]
+        for i, row in enumerate(refs):  # sequences in order: chosen, rejected of each pair
+            row["ref_logp_chosen"], row["ref_logp_rejected"] = logps[2 * i], logps[2 * i + 1]
+        _write_jsonl(work / OUR_SYSTEMS[system][2], refs)
     del ref
 
     dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
@@ -566,8 +579,10 @@ def run(cfg: BenchConfig) -> dict:
     }
     (out / "bench.json").write_text(json.dumps(report, indent=1))
     print("\n" + table(results))
-    print("\n".join(f"goal {'met ' if g['met'] else 'MISS'}: {g['goal']}" for g in report["goals"]))
-    print("\n".join(f"warning: {w}" for w in report["warnings"]))
+    for g in report["goals"]:
+        print(f"goal {'met ' if g['met'] else 'MISS'}: {g['goal']}")
+    for w in report["warnings"]:
+        print(f"warning: {w}")
     plot(results, out / "bench.png", title=f"{cfg.workload} workload, {meta['device']}")
     print(f"\nbench: {out / 'bench.json'}, {out / 'bench.png'} ({report['wall_s']:.0f} s)")
     return report
