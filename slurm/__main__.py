@@ -1,21 +1,23 @@
-"""`python -m slurm train|generate ...`: the same as `python -m slurm.train|slurm.generate ...`."""
+"""`python -m slurm [train] ...` is `python -m slurm.train ...`; `python -m slurm generate ...` is
+`python -m slurm.generate ...`.
+
+    python -m slurm --config configs/train/qrpo_gpu.yaml nodes=4 gpus_per_node=8 partition=gpu
+    python -m slurm generate --config gen.yaml num_shards=16
+"""
 
 import sys
 
-USAGE = """usage: python -m slurm train    --config TRAIN.yaml [overrides] nodes=N gpus_per_node=G ...
-       python -m slurm generate --config GEN.yaml [overrides] num_shards=N ...
-(`python -m slurm.train --help` and `python -m slurm.generate --help` list every key)"""
-
 
 def main() -> None:
-    command, args = (sys.argv[1], sys.argv[2:]) if len(sys.argv) > 1 else ("", [])
-    if command == "train":
-        from slurm.train import main as run
-    elif command == "generate":
+    args = sys.argv[1:]
+    if args[:1] == ["generate"]:
         from slurm.generate import main as run
+
+        args = args[1:]
     else:
-        print(USAGE, file=sys.stderr if command not in ("-h", "--help") else sys.stdout)
-        sys.exit(0 if command in ("-h", "--help") else 2)
+        from slurm.train import main as run
+
+        args = args[1:] if args[:1] == ["train"] else args
     run(args)
 
 

@@ -172,8 +172,14 @@ class Batch:
 
     input_ids: torch.Tensor  # [1, T]
     position_ids: torch.Tensor  # [1, T]
-    targets: torch.Tensor  # [T]
-    cu_seqlens: torch.Tensor  # [S+1] int32
+    targets: torch.Tensor  # [T] shifted targets, -100 where not scored
+    cu_seqlens: torch.Tensor  # [S+1] int32, sequence boundaries in the packed row
+    # Only completion positions reach the LM head: prompt rows have no target, and skipping them
+    # saves their share of the head's FLOPs (the head dominates at large vocabularies). Computed
+    # here on the host, so the device never needs a sync to find them.
+    score_index: torch.Tensor  # [M] positions in the packed row whose target counts
+    score_targets: torch.Tensor  # [M]
+    score_cu_seqlens: torch.Tensor  # [S+1] sequence boundaries among the M scored positions
     num_tokens: torch.Tensor  # [S] completion tokens per sequence
     rewards: torch.Tensor  # [S]
     ref_logps: torch.Tensor  # [S] (NaN when not precomputed)
@@ -185,6 +191,16 @@ class Batch:
     sigma: torch.Tensor  # [S]
     num_examples: int
 
+    def model_inputs(self) -> tuple[torch.Tensor, ...]:
+        """The arguments of SequenceLogprobModel.forward."""
+        return (
+            self.input_ids,
+            self.position_ids,
+            self.score_index,
+            self.score_targets,
+            self.score_cu_seqlens,
+        )
+
     @property
     def total_tokens(self) -> int:
         return self.input_ids.shape[1]
@@ -192,11 +208,14 @@ class Batch:
 
 def collate(examples: list[Example], device: torch.device | str = "cpu") -> Batch:
     seqs = [s for e in examples for s in e.sequences]
-    ids, pos, tgt, cu = [], [], [], [0]
+    ids, pos, tgt, cu, score, score_cu = [], [], [], [0], [], [0]
     for s in seqs:
+        targets = shifted_targets(s.input_ids, s.prompt_len)
+        score.extend(cu[-1] + i for i, v in enumerate(targets) if v != IGNORE_INDEX)
+        score_cu.append(len(score))
         ids.extend(s.input_ids)
         pos.extend(range(len(s.input_ids)))
-        tgt.extend(shifted_targets(s.input_ids, s.prompt_len))
+        tgt.extend(targets)
         cu.append(cu[-1] + len(s.input_ids))
     k = max([len(s.ref_rewards) for s in seqs] + [1])
     ref_rewards = torch.zeros(len(seqs), k, dtype=torch.float32)
@@ -214,6 +233,9 @@ def collate(examples: list[Example], device: torch.device | str = "cpu") -> Batc
         position_ids=t(pos, torch.long)[None],
         targets=t(tgt, torch.long),
         cu_seqlens=t(cu, torch.int32),
+        score_index=t(score, torch.long),
+        score_targets=t([tgt[i] for i in score], torch.long),
+        score_cu_seqlens=t(score_cu, torch.int32),
         num_tokens=t([s.num_completion_tokens for s in seqs], torch.float32),
         rewards=t([s.reward for s in seqs], torch.float32),
         ref_logps=t([s.ref_logp for s in seqs], torch.float32),

@@ -29,13 +29,18 @@ class SequenceLogprobModel(nn.Module):
         self,
         input_ids: torch.Tensor,
         position_ids: torch.Tensor,
-        targets: torch.Tensor,
-        cu_seqlens: torch.Tensor,
+        score_index: torch.Tensor,
+        score_targets: torch.Tensor,
+        score_cu_seqlens: torch.Tensor,
     ) -> torch.Tensor:
+        """Summed log-probs [S] of the packed row's sequences. `score_index` lists the positions
+        whose next token counts (completion tokens), `score_targets` those tokens, and
+        `score_cu_seqlens` the sequence boundaries among them (see train.data.collate)."""
         # use_cache=False: with a cache, packed sequences would see each other (REFERENCE.md 7).
         hidden = self.model.base_model(
             input_ids=input_ids, position_ids=position_ids, use_cache=False
         ).last_hidden_state[0]
+        hidden = hidden.index_select(0, score_index)
         head = self.model.get_output_embeddings()
         weight, bias = head.weight, getattr(head, "bias", None)
         if torch.is_autocast_enabled(hidden.device.type):
@@ -48,8 +53,8 @@ class SequenceLogprobModel(nn.Module):
             return kernels.sequence_logprobs(
                 hidden.to(dtype),
                 weight.to(dtype),
-                targets,
-                cu_seqlens,
+                score_targets,
+                score_cu_seqlens,
                 bias=None if bias is None else bias.to(dtype),
                 backend=self.backend,
                 check_targets=False,

@@ -3,7 +3,7 @@
     python -m train --config configs/train/qrpo_tiny.yaml                     # one process
     accelerate launch --config_file configs/accelerate/fsdp2_multi_gpu.yaml -m train \
         --config configs/train/qrpo_gpu.yaml loss.beta=3e-3                   # one node, N GPUs
-    python -m slurm.train --config ... --nodes 4                               # SLURM
+    python -m slurm.train --config ... nodes=4 gpus_per_node=8                 # SLURM
 
 Read top to bottom: set-up (data first, so bad data fails before a model is loaded), then one
 loop whose step packs the global batch's share of this process into micro-batches, computes
@@ -94,7 +94,7 @@ def sequence_logps(
     out = []
     for group in pack(examples, token_budget):
         b = collate(group, device)
-        out.append(model(b.input_ids, b.position_ids, b.targets, b.cu_seqlens).float())
+        out.append(model(*b.model_inputs()).float())
     return torch.cat(out) if out else torch.zeros(0, device=device)
 
 
@@ -441,11 +441,11 @@ def micro_batch_loss(
 
     def reference(b: Batch) -> torch.Tensor:
         with torch.no_grad():
-            return ref_model(b.input_ids, b.position_ids, b.targets, b.cu_seqlens).float()
+            return ref_model(*b.model_inputs()).float()
 
     try:
         with accelerator.autocast():
-            logps = policy(batch.input_ids, batch.position_ids, batch.targets, batch.cu_seqlens)
+            logps = policy(*batch.model_inputs())
             ref_logps = batch.ref_logps if ref_model is None else reference(batch)
             kl = None
             if cfg.loss.algorithm == "kto" and ref_model is not None:
@@ -453,7 +453,7 @@ def micro_batch_loss(
                 kb = collate(mismatched(group), batch.input_ids.device)
                 with torch.no_grad():
                     kl = (
-                        policy(kb.input_ids, kb.position_ids, kb.targets, kb.cu_seqlens).float(),
+                        policy(*kb.model_inputs()).float(),
                         reference(kb),
                     )
             per_example, metrics = example_losses(
