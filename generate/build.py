@@ -126,29 +126,6 @@ def make_worker(cfg, source: str):
     return work
 
 
-def best_worst_pairs(grouped_rows: list[dict]) -> list[dict]:
-    """Off-policy pairs in the pairs format from grouped rows (`responses` with `reward`): the
-    best and the worst response of each prompt, carrying its reference rewards; prompts whose
-    responses all tie are skipped. Kept for `train.demo`; the pipeline's regime is best_worst."""
-    pairs = []
-    for row in grouped_rows:
-        ranked = sorted(row["responses"], key=lambda r: r["reward"])
-        worst, best = ranked[0], ranked[-1]
-        if best["reward"] > worst["reward"]:
-            pairs.append(
-                {
-                    "prompt": row["prompt"],
-                    "chosen": best["text"],
-                    "rejected": worst["text"],
-                    "score_chosen": best["reward"],
-                    "score_rejected": worst["reward"],
-                    "ref_rewards": row.get("ref_rewards")
-                    or [r["reward"] for r in row["responses"]],
-                }
-            )
-    return pairs
-
-
 def main(argv: list[str] | None = None) -> None:
     from generate.pipeline import cli
 

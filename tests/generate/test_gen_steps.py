@@ -296,29 +296,17 @@ def test_help_lists_the_keys(module, capsys):
         main(["--help"])
     assert info.value.code == 0
     text = capsys.readouterr().out
-    assert ("max_new_tokens" in text) and ("generate.pipeline" in text or "sample.n" in text)
+    assert "configuration keys" in text
+    assert ("n_train" in text) if module == "__main__" else ("sample.max_new_tokens" in text)
 
 
-def test_task_files_and_the_demos_quick_sample(tmp_path):
-    from generate.__main__ import GenerateConfig, main, sample_and_score
-    from generate.build import best_worst_pairs
+def test_task_files(tmp_path):
+    from generate.__main__ import main
 
     main(["step=task", f"out={tmp_path}", "n_sft=4", "n_train=5", "n_eval=2"])
     assert len((tmp_path / "train_prompts.jsonl").read_text().splitlines()) == 5
-    path = sample_and_score(
-        GenerateConfig(
-            step="sample",
-            out=str(tmp_path / "ref_samples.jsonl"),
-            prompts=str(tmp_path / "train_prompts.jsonl"),
-            n=3,
-            max_new_tokens=6,
-        ),
-        QUIET,
-    )
-    rows = load_canonical(DataConfig(path=str(path)), require_rewards=True)
-    assert len(rows) >= 4 and all(len(r["ref_rewards"]) == 3 for r in rows)
-    raw = [json.loads(line) for line in path.read_text().splitlines()]
-    assert isinstance(best_worst_pairs(raw), list)
+    assert len((tmp_path / "eval_prompts.jsonl").read_text().splitlines()) == 2
+    assert len((tmp_path / "sft.jsonl").read_text().splitlines()) == 4
 
 
 def test_pipeline_with_reward_of_the_task_runs_end_to_end(tmp_path):
