@@ -19,17 +19,11 @@ def matmul_params(model: torch.nn.Module) -> int:
     return total
 
 
-def train_flops_per_token(
-    model: torch.nn.Module, *, with_reference: bool = False, seq_len: int = 0
-) -> float:
+def train_flops_per_token(model: torch.nn.Module, *, with_reference: bool = False) -> float:
     """6N per trained token (forward 2N, backward 4N), plus 2N for an on-the-fly reference
-    forward; with `seq_len`, the attention-score term 12*L*d*T of PaLM's appendix."""
+    forward (attention-score FLOPs are not counted)."""
     n = matmul_params(model)
-    flops = 6.0 * n + (2.0 * n if with_reference else 0.0)
-    if seq_len:
-        cfg = model.config
-        flops += 12.0 * cfg.num_hidden_layers * cfg.hidden_size * seq_len
-    return flops
+    return 6.0 * n + (2.0 * n if with_reference else 0.0)
 
 
 def measure_peak_tflops(device: torch.device | str, dtype: torch.dtype = torch.float32) -> float:

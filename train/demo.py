@@ -68,39 +68,26 @@ def run(cfg: DemoConfig) -> dict:
     )
     gen = out / "generate"
     common = [f"model.name_or_path={ref_dir}", "chunk_size=64"]
+    # The same sampled-and-scored data: the second call only merges its reward step (the input
+    # of the pairs below), so it must name the same settings as the first.
+    sampled = [
+        f"data.path={files['train_prompts']}",
+        f"out={gen / 'pointwise'}",
+        f"sample.n={cfg.k}",
+        "sample.max_new_tokens=24",
+        f"sample.seed={cfg.seed}",
+        "reward.fn=task",
+        *common,
+    ]
     run_pipeline(
         build_config(
             PipelineConfig,
             None,
-            [
-                f"data.path={files['train_prompts']}",
-                f"out={gen / 'pointwise'}",
-                f"sample.n={cfg.k}",
-                "sample.max_new_tokens=24",
-                f"sample.seed={cfg.seed}",
-                "reward.fn=task",
-                "build.regime=pointwise",
-                "steps=[sample,reward,build,ref_logps,merge]",
-                *common,
-            ],
+            [*sampled, "build.regime=pointwise", "steps=[sample,reward,build,ref_logps,merge]"],
         )
     )
     run_pipeline(
-        build_config(
-            PipelineConfig,
-            None,
-            [
-                f"data.path={files['train_prompts']}",
-                f"out={gen / 'pointwise'}",
-                f"sample.n={cfg.k}",
-                "sample.max_new_tokens=24",
-                f"sample.seed={cfg.seed}",
-                "reward.fn=task",
-                "steps=[merge]",
-                "merge.step=reward",
-                *common,
-            ],
-        )
+        build_config(PipelineConfig, None, [*sampled, "steps=[merge]", "merge.step=reward"])
     )
     run_pipeline(
         build_config(
