@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from common.attention import ATTN_IMPLEMENTATIONS, choose_attention, register_attention
 from common.config import ConfigError, doc
 from common.tiny import TINY_NAME, ensure_tiny
 
@@ -20,13 +21,21 @@ class ModelConfig:
     tokenizer: str = doc("", "tokenizer path or name (default: same as the model)")
     dtype: str = doc("float32", "weights dtype: float32 | bfloat16 | float16")
     attn_implementation: str = doc(
-        "auto", "auto (flash_attention_2 when installed on CUDA, else sdpa) | sdpa | eager | ..."
+        "auto",
+        "auto | flash_attention_2 | torch_varlen | per_sequence | sdpa | eager (auto: flash-attn "
+        "on CUDA when installed, else torch's varlen_attn on CUDA, else per_sequence; sdpa and "
+        "eager mask the whole packed row, quadratic in its length)",
     )
     liger: bool = doc(True, "apply liger-kernel RMSNorm/RoPE/SwiGLU patches when installed (CUDA)")
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
             raise ConfigError(f"model.dtype must be one of {list(DTYPES)}, got '{self.dtype}'")
+        if self.attn_implementation not in ATTN_IMPLEMENTATIONS:
+            raise ConfigError(
+                f"model.attn_implementation must be one of {ATTN_IMPLEMENTATIONS}, "
+                f"got '{self.attn_implementation}'"
+            )
 
 
 def resolve(name_or_path: str) -> str:
@@ -42,21 +51,12 @@ def load_tokenizer(cfg: ModelConfig):
     return tok
 
 
-def attention_path(requested: str, device: torch.device) -> str:
-    """The attention implementation to use, and why. Packed sequences are exact on every path
-    that transformers supports with `position_ids` (flash-attn varlen, sdpa, eager)."""
-    if requested != "auto":
-        return requested
-    if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
-        return "flash_attention_2"
-    return "sdpa"
-
-
 def load_model(cfg: ModelConfig, device: torch.device | str = "cpu", *, log=print):
     from transformers import AutoModelForCausalLM
 
     device = torch.device(device)
-    attn = attention_path(cfg.attn_implementation, device)
+    attn, why = choose_attention(cfg.attn_implementation, device)
+    register_attention()
     path = resolve(cfg.name_or_path)
     if cfg.liger and device.type == "cuda":
         _apply_liger(path, log)
@@ -64,7 +64,8 @@ def load_model(cfg: ModelConfig, device: torch.device | str = "cpu", *, log=prin
         path, dtype=DTYPES[cfg.dtype], attn_implementation=attn
     )
     log(
-        f"model {cfg.name_or_path} ({Path(path).name}): attention path = {attn}, dtype = {cfg.dtype}"
+        f"model {cfg.name_or_path} ({Path(path).name}): attention path = {attn} ({why}), "
+        f"dtype = {cfg.dtype}"
     )
     return model
 

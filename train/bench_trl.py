@@ -21,7 +21,7 @@ def run_trl(cfg, meta: dict) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
-    from common.model import attention_path
+    from common.attention import choose_attention
     from train.bench import StepClock, summarize
 
     work, sys_dir = Path(cfg.out) / "work", Path(cfg.out) / "systems" / "trl_dpo"
@@ -29,7 +29,10 @@ def run_trl(cfg, meta: dict) -> dict:
     rows = [json.loads(x) for x in (work / "pairs.jsonl").read_text().splitlines() if x]
     dataset = Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows])
     tokenizer = AutoTokenizer.from_pretrained(work / "model")
-    attn = attention_path(cfg.attn_implementation, torch.device("cuda" if cuda else "cpu"))
+    attn, _ = choose_attention(cfg.attn_implementation, torch.device("cuda" if cuda else "cpu"))
+    if attn in ("torch_varlen", "per_sequence"):
+        # TRL pads its batches instead of packing them; on padded rows our two paths are sdpa.
+        attn = "sdpa"
     # fp32 weights in both dtypes: bf16 means autocast, as in our loop (mixed_precision=bf16).
     model = AutoModelForCausalLM.from_pretrained(
         work / "model", dtype=torch.float32, attn_implementation=attn

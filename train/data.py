@@ -8,7 +8,8 @@ batch and takes its share.
 
 A micro-batch is one row of concatenated sequences, `[1, T]`, with `position_ids` restarting at
 0 per sequence and `cu_seqlens` marking the boundaries; attention stays inside each sequence
-(flash-attn varlen, or transformers' packed-sequence mask on sdpa/eager).
+(common/attention.py: varlen kernels, or per-sequence buckets; never a dense [T, T] mask
+unless sdpa/eager is forced).
 """
 
 from __future__ import annotations
@@ -190,6 +191,7 @@ class Batch:
     desirable: torch.Tensor  # [S] bool
     sigma: torch.Tensor  # [S]
     num_examples: int
+    max_seqlen: int  # longest sequence in the row (varlen attention's tile count)
 
     def model_inputs(self) -> tuple[torch.Tensor, ...]:
         """The arguments of SequenceLogprobModel.forward."""
@@ -199,6 +201,8 @@ class Batch:
             self.score_index,
             self.score_targets,
             self.score_cu_seqlens,
+            self.cu_seqlens,
+            self.max_seqlen,
         )
 
     @property
@@ -245,4 +249,5 @@ def collate(examples: list[Example], device: torch.device | str = "cpu") -> Batc
         desirable=t([s.desirable for s in seqs], torch.bool),
         sigma=t([s.sigma for s in seqs], torch.float32),
         num_examples=len(examples),
+        max_seqlen=max(len(s.input_ids) for s in seqs),
     )

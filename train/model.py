@@ -3,8 +3,9 @@
 The backbone returns final hidden states; `kernels.sequence_logprobs` combines them with the LM
 head weight in tiles, so the [tokens x vocab] logits never exist. Everything happens inside this
 module's `forward()`, which is what DDP and FSDP2 wrap: under FSDP2 the head weight is gathered
-for this forward like any other parameter (no separate call outside forward, the mixed
-Tensor/DTensor trap of REFERENCE.md section 7).
+for this forward like any other parameter (a call outside forward would see a sharded DTensor
+beside plain tensors). The packed row's boundaries reach the attention path chosen at load time
+(common/attention.py), so attention costs the sequences' squares, not the row's.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import torch
 from torch import nn
 
 import kernels
+from common.attention import packing_kwargs
 
 
 class SequenceLogprobModel(nn.Module):
@@ -32,13 +34,17 @@ class SequenceLogprobModel(nn.Module):
         score_index: torch.Tensor,
         score_targets: torch.Tensor,
         score_cu_seqlens: torch.Tensor,
+        cu_seqlens: torch.Tensor,
+        max_seqlen: int,
     ) -> torch.Tensor:
         """Summed log-probs [S] of the packed row's sequences. `score_index` lists the positions
         whose next token counts (completion tokens), `score_targets` those tokens, and
-        `score_cu_seqlens` the sequence boundaries among them (see train.data.collate)."""
-        # use_cache=False: with a cache, packed sequences would see each other (REFERENCE.md 7).
+        `score_cu_seqlens` the sequence boundaries among them; `cu_seqlens` and `max_seqlen`
+        are the sequences' boundaries in the row, for varlen attention (see train.data.collate)."""
+        packing = packing_kwargs(self.model.config._attn_implementation, cu_seqlens, max_seqlen)
+        # use_cache=False: with a cache, packed sequences would see each other.
         hidden = self.model.base_model(
-            input_ids=input_ids, position_ids=position_ids, use_cache=False
+            input_ids=input_ids, position_ids=position_ids, use_cache=False, **packing
         ).last_hidden_state[0]
         hidden = hidden.index_select(0, score_index)
         head = self.model.get_output_embeddings()

@@ -27,6 +27,7 @@ from common.flops import measure_peak_tflops, peak_memory_gb, train_flops_per_to
 from common.model import ModelConfig, load_model, load_tokenizer
 from common.tokenize import tokenize_rows
 from train import losses
+from train.accelerator import freeze_reference, make_accelerator, make_optimizer
 from train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from train.config import PAIR_ALGORITHMS, REFERENCE_FREE, TrainConfig
 from train.data import (
@@ -193,8 +194,6 @@ def example_losses(
 
 
 def train(cfg: TrainConfig) -> dict:
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
     from accelerate.utils import set_seed
     from transformers import get_scheduler
 
@@ -209,16 +208,7 @@ def train(cfg: TrainConfig) -> dict:
         )
     ref_source = reference_source(cfg, examples)
 
-    # One process may run several trainings (the demo, tests): accelerate keeps a singleton
-    # state that would pin the first run's mixed precision; the process group is kept.
-    AcceleratorState._reset_state()
-    # cpu=True on machines without CUDA: several processes then form a gloo group (MULTI_CPU).
-    accelerator = Accelerator(
-        cpu=not torch.cuda.is_available(),
-        mixed_precision=cfg.run.mixed_precision,
-        log_with=list(cfg.run.trackers) or None,
-        project_dir=cfg.run.run_dir,
-    )
+    accelerator = make_accelerator(cfg)
     world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
     log = accelerator.print
     if per_step < world:
@@ -254,7 +244,7 @@ def train(cfg: TrainConfig) -> dict:
         ref_model = SequenceLogprobModel(
             load_model(ref_cfg, device, log=log), cfg.loss.kernel_backend
         )
-        ref_model.to(device).eval().requires_grad_(False)
+        ref_model = freeze_reference(ref_model.to(device), _compute_dtype(cfg))
     elif ref_source == "data":
         with accelerator.autocast():  # the same precision as the loop's own forward
             gap = check_precomputed_reference(policy.eval(), examples, cfg, device)
@@ -266,13 +256,7 @@ def train(cfg: TrainConfig) -> dict:
     groups = [{"params": [p for n, p in policy.named_parameters() if n != "values"]}]
     if policy.values is not None:
         groups.append({"params": [policy.values], "lr": cfg.loss.value_lr, "weight_decay": 0.0})
-    optimizer = torch.optim.AdamW(
-        groups,
-        lr=cfg.optim.lr,
-        betas=tuple(cfg.optim.betas),
-        eps=cfg.optim.eps,
-        weight_decay=cfg.optim.weight_decay,
-    )
+    optimizer = make_optimizer(groups, cfg, device)
     scheduler = get_scheduler(
         cfg.optim.scheduler,
         optimizer,
@@ -298,7 +282,8 @@ def train(cfg: TrainConfig) -> dict:
     flops_per_token = train_flops_per_token(causal_lm, with_reference=ref_model is not None)
     peak = cfg.run.peak_tflops or measure_peak_tflops(device, causal_lm.dtype)
     log(
-        f"{len(examples)} examples, {per_step} per step, {total_steps} steps, {world} process(es); "
+        f"{len(examples)} examples, {per_step} per step, {total_steps} steps, {world} process(es) "
+        f"({accelerator.distributed_type.value}); "
         f"reference: {ref_source}; MFU against {peak:.1f} TFLOP/s"
     )
 
@@ -491,6 +476,10 @@ def _partition_values(cfg, examples, ref_model, device, num_prompts) -> torch.Te
         tau=cfg.loss.tau,
     )
     return values.float().to(device)
+
+
+def _compute_dtype(cfg: TrainConfig) -> torch.dtype | None:
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.run.mixed_precision)
 
 
 def _flat(cfg: TrainConfig) -> dict:
