@@ -30,7 +30,14 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-ATTN_IMPLEMENTATIONS = ("auto", "flash_attention_2", "torch_varlen", "per_sequence", "sdpa", "eager")
+ATTN_IMPLEMENTATIONS = (
+    "auto",
+    "flash_attention_2",
+    "torch_varlen",
+    "per_sequence",
+    "sdpa",
+    "eager",
+)
 PACKED_PATHS = ("flash_attention_2", "torch_varlen", "per_sequence")
 
 # A bucket holds sequences at least this fraction of its longest one: padding then costs at
@@ -117,25 +124,25 @@ def per_sequence_attention(
     plan: BucketPlan | None = kwargs.get("bucket_plan")
     if plan is None:
         return _sdpa(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
-    q, k, v = query[0], key[0], value[0]  # [H, T, d]
+    heads, kv_heads = query.shape[1], key.shape[1]
     outs = []
     for index in plan.gather:
         n, length = index.shape
-        flat = index.reshape(-1)
-
-        def block(x):
-            return x.index_select(1, flat).unflatten(1, (n, length)).transpose(0, 1)
-
+        # [1, H, T, d] -> the bucket's padded block [n, H, L, d]
+        q, k, v = (
+            x[0].index_select(1, index.reshape(-1)).unflatten(1, (n, length)).transpose(0, 1)
+            for x in (query, key, value)
+        )
         out = F.scaled_dot_product_attention(
-            block(q),
-            block(k),
-            block(v),
+            q,
+            k,
+            v,
             is_causal=True,
             scale=scaling,
             dropout_p=dropout if module.training else 0.0,
-            enable_gqa=k.shape[0] != q.shape[0],
-        )  # [n, H, L, d]
-        outs.append(out.transpose(1, 2).reshape(n * length, out.shape[1], out.shape[3]))
+            enable_gqa=kv_heads != heads,
+        )
+        outs.append(out.transpose(1, 2).reshape(n * length, heads, out.shape[-1]))
     return torch.cat(outs).index_select(0, plan.scatter)[None], None
 
 
