@@ -99,12 +99,19 @@ class RunConfig:
         ["SIGUSR2"], "signals that mean 'checkpoint at the next step and exit with code 75'"
     )
     wandb_name: Optional[str] = doc(None, "run name for wandb")
+    profile_steps: list = doc(
+        [], "[first, last] optimizer steps to profile into RUN_DIR/profile_rank*.txt ([]: off)"
+    )
 
     def __post_init__(self):
         if self.global_batch < 1:
             raise ConfigError("run.global_batch must be >= 1")
         if self.mixed_precision not in ("no", "bf16", "fp16"):
             raise ConfigError("run.mixed_precision must be no | bf16 | fp16")
+        if self.profile_steps and (
+            len(self.profile_steps) != 2 or not 1 <= self.profile_steps[0] <= self.profile_steps[1]
+        ):
+            raise ConfigError("run.profile_steps must be [first, last] with 1 <= first <= last")
 
 
 @dataclass

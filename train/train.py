@@ -42,6 +42,7 @@ from train.data import (
 )
 from train.model import SequenceLogprobModel
 from train.preemption import PreemptionFlag
+from train.profiling import StepProfiler
 
 
 class TrainingError(RuntimeError):
@@ -291,6 +292,7 @@ def train(cfg: TrainConfig) -> dict:
     from tqdm import tqdm
 
     preemption = PreemptionFlag(cfg.run.preempt_signals)
+    profiler = StepProfiler(cfg.run.profile_steps, run_dir, rank)
     bar = tqdm(
         total=total_steps,
         initial=step,
@@ -299,6 +301,7 @@ def train(cfg: TrainConfig) -> dict:
     )
     try:
         while step < total_steps:
+            profiler.before_step(step + 1)
             t0 = time.perf_counter()
             policy.train()
             indices = global_batch_indices(len(examples), per_step, step, cfg.run.seed)
@@ -343,6 +346,7 @@ def train(cfg: TrainConfig) -> dict:
             optimizer.zero_grad(set_to_none=True)
             step += 1
             elapsed = time.perf_counter() - t0
+            profiler.after_step(step)
 
             # ---- log
             if step % cfg.run.log_every == 0 or step == total_steps:
@@ -388,6 +392,7 @@ def train(cfg: TrainConfig) -> dict:
     finally:
         bar.close()
         preemption.restore()
+        profiler.stop()
 
     # ---- end: a plain Hugging Face checkpoint of the policy
     accelerator.wait_for_everyone()
