@@ -85,9 +85,9 @@ WORKLOADS = {
         dtype="float32",
         steps=6,
         warmup=2,
-        # Without flash-attn (CPU), packed rows go through sdpa with a block mask whose cost
-        # grows with the square of the row: ~1k-token micro-batches are faster than one 8k row
-        # (1751 vs 1495 tokens/s for DPO on 2 cores), and the global batch is unchanged.
+        # Chosen at commit 41e53f4, when CPU attention masked the whole packed row: ~1k-token
+        # micro-batches were faster than one 8k row (1751 vs 1495 tokens/s for DPO on 2 cores).
+        # Kept so that CPU figures stay comparable; per_sequence attention no longer needs it.
         micro_batch_tokens=1024,
     ),
     # Llama-3.2-1B dims (tied 128k head); fp32 master weights with bf16 autocast in both loops.

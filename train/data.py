@@ -228,8 +228,14 @@ def collate(examples: list[Example], device: torch.device | str = "cpu") -> Batc
         ref_rewards[i, : len(s.ref_rewards)] = torch.tensor(s.ref_rewards, dtype=torch.float32)
         ref_mask[i, : len(s.ref_rewards)] = True
 
+    device = torch.device(device)
+    pin = device.type == "cuda"
+
     def t(values, dtype):
-        return torch.tensor(values, dtype=dtype, device=device)
+        # Built on the host, copied from pinned memory without blocking: a plain copy from a
+        # Python list would wait for the GPU to finish the previous micro-batch first.
+        x = values if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=dtype)
+        return x.pin_memory().to(device, non_blocking=True) if pin else x.to(device)
 
     return Batch(
         input_ids=t(ids, torch.long)[None],
@@ -242,8 +248,8 @@ def collate(examples: list[Example], device: torch.device | str = "cpu") -> Batc
         num_tokens=t([s.num_completion_tokens for s in seqs], torch.float32),
         rewards=t([s.reward for s in seqs], torch.float32),
         ref_logps=t([s.ref_logp for s in seqs], torch.float32),
-        ref_rewards=ref_rewards.to(device),
-        ref_mask=ref_mask.to(device),
+        ref_rewards=t(ref_rewards, torch.float32),
+        ref_mask=t(ref_mask, torch.bool),
         ref_index=t([s.ref_index for s in seqs], torch.long),
         prompt_index=t([s.prompt_index for s in seqs], torch.long),
         desirable=t([s.desirable for s in seqs], torch.bool),
