@@ -22,6 +22,7 @@ loaded with them still generates correctly.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import inspect
 import warnings
@@ -152,7 +153,7 @@ def torch_varlen_attention(
     cu = kwargs.get("cu_seq_lens_q")
     if cu is None:
         return _sdpa(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
-    if query.device.type != "cuda" or query.dtype not in (torch.bfloat16, torch.float16):
+    if not _varlen_kernel_usable(query):
         # varlen_attn's flash kernels need CUDA and half precision (an fp32 run on CUDA).
         _warn_once(f"torch_varlen: {query.dtype} on {query.device.type}: per_sequence instead")
         plan = bucket_plan(cu.tolist(), cu.device)
@@ -160,7 +161,7 @@ def torch_varlen_attention(
             module, query, key, value, None, scaling, dropout, bucket_plan=plan
         )
     q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # [T, H, d]
-    options = _varlen_options()
+    options = _varlen_options(scaling)
     if k.shape[1] != q.shape[1] and "enable_gqa" not in options:
         k, v = (x.repeat_interleave(q.shape[1] // x.shape[1], dim=1) for x in (k, v))
     out = _varlen_attn()(
@@ -171,10 +172,13 @@ def torch_varlen_attention(
         kwargs["cu_seq_lens_k"].to(torch.int32),
         kwargs["max_length_q"],
         kwargs["max_length_k"],
-        scale=scaling,
         **options,
     )
     return out[None], None
+
+
+def _varlen_kernel_usable(query: torch.Tensor) -> bool:
+    return query.device.type == "cuda" and query.dtype in (torch.bfloat16, torch.float16)
 
 
 def _sdpa(module, query, key, value, attention_mask, scaling, dropout, **kwargs):
@@ -191,14 +195,21 @@ def _varlen_attn():
     return varlen_attn
 
 
-def _varlen_options() -> dict:
-    """Causal and grouped-query keywords as this torch spells them: 2.10 has `is_causal`; later
-    releases take `window_size=(-1, 0)` for causal and `enable_gqa`."""
-    params = inspect.signature(_varlen_attn()).parameters
+def _varlen_options(scaling: float | None) -> dict:
+    """Causal, grouped-query and scale keywords as this torch spells them: 2.10 has `is_causal`;
+    later releases take `window_size=(-1, 0)` for causal, and `enable_gqa`."""
+    params = _varlen_parameters(_varlen_attn())
     options = {"is_causal": True} if "is_causal" in params else {"window_size": (-1, 0)}
     if "enable_gqa" in params:
         options["enable_gqa"] = True
+    if "scale" in params:
+        options["scale"] = scaling
     return options
+
+
+@functools.lru_cache(maxsize=4)
+def _varlen_parameters(fn) -> frozenset[str]:
+    return frozenset(inspect.signature(fn).parameters)
 
 
 _warned: set[str] = set()

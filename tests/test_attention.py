@@ -151,3 +151,29 @@ def test_flash_attention_2_packed_row_matches_each_sequence_alone_bf16():
 def test_torch_varlen_in_fp32_falls_back_to_per_sequence():
     packed, alone, _, _ = _packed_and_alone("torch_varlen", "cuda", "float32")
     torch.testing.assert_close(packed, alone, rtol=0, atol=1e-3)
+
+
+def _varlen_on_cpu(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_size, enable_gqa):
+    """varlen_attn's contract ([T, H, d] rows, boundaries, causal by window (-1, 0)) computed
+    per sequence with sdpa: lets the CPU test check our layout and keyword plumbing."""
+    assert window_size == (-1, 0) and enable_gqa and cu_q.dtype == torch.int32
+    assert max_q == int((cu_q[1:] - cu_q[:-1]).max())
+    out = torch.empty_like(q)
+    for a, b in zip(cu_q[:-1].tolist(), cu_q[1:].tolist()):
+        qs, ks, vs = (x[a:b].transpose(0, 1) for x in (q, k, v))
+        o = torch.nn.functional.scaled_dot_product_attention(
+            qs, ks, vs, is_causal=True, scale=scale, enable_gqa=True
+        )
+        out[a:b] = o.transpose(0, 1)
+    return out
+
+
+def test_torch_varlen_plumbing_with_a_cpu_stand_in(monkeypatch):
+    """The layout, GQA and causal keywords we hand to varlen_attn, checked on CPU with a
+    stand-in of the same contract (the real kernel needs CUDA: gpu-marked tests)."""
+    import common.attention as attention
+
+    monkeypatch.setattr(attention, "_varlen_kernel_usable", lambda q: True)
+    monkeypatch.setattr(attention, "_varlen_attn", lambda: _varlen_on_cpu)
+    packed, alone, _, _ = _packed_and_alone("torch_varlen", "cpu")
+    torch.testing.assert_close(packed, alone, rtol=0, atol=1e-4)
