@@ -55,18 +55,17 @@ def make_optimizer(groups: list[dict], cfg, device: torch.device) -> torch.optim
     )
 
 
-def freeze_reference(model: torch.nn.Module, compute_dtype: torch.dtype | None) -> torch.nn.Module:
+def freeze_reference(model, compute_dtype: torch.dtype | None):
     """A frozen reference that autocast need not cast again at every micro-batch: its Linear
     weights are stored once in the compute dtype (what autocast would round them to anyway, so
     the numbers are identical); norms and embeddings keep their dtype, as autocast keeps them."""
     model.eval().requires_grad_(False)
-    if compute_dtype is not None:
-        for module in model.modules():
-            if isinstance(module, torch.nn.Linear) and module is not _output_head(model):
-                module.to(compute_dtype)
+    if compute_dtype is None:
+        return model
+    # The head is left alone: it may be tied to the input embedding, which autocast never casts
+    # (the log-prob kernel casts the head itself).
+    head = model.model.get_output_embeddings()
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear) and module is not head:
+            module.to(compute_dtype)
     return model
-
-
-def _output_head(model):
-    inner = getattr(model, "model", model)
-    return inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
