@@ -33,10 +33,12 @@ requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs 
 
 @pytest.fixture(autouse=True)
 def _tiny_tiles():
-    """Backward chunks of 7 (torch) / 16 (triton) tokens, 32-wide vocab tiles, 16-wide D tiles."""
+    """Backward chunks of 7 (torch) / 16 (triton) tokens, 32-wide vocab tiles, 16-wide D tiles,
+    Triton backward vocab slices of 64 columns (several slices, the last one ragged)."""
     triton_cfg = TritonConfig(
-        block_n=16, block_v=32, block_d=16, num_warps=1, num_stages=1, chunk_tokens=16
-    )
+        block_n=16, block_v=32, block_d=16, num_warps=1, num_stages=1, chunk_tokens=16,
+        vocab_slice=64,
+    )  # fmt: skip
     with use_chunk_config(ChunkConfig(chunk_tokens=7)), use_config(triton_cfg):
         yield
 
