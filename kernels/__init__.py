@@ -5,8 +5,8 @@
 Triton is imported only when a Triton backend is used, so the package works on CPU-only installs.
 """
 
-from kernels.fused_head import fused_head_loss
 from kernels.api import QRPOLoss, SequenceLogprobs, qrpo_loss, sequence_logprobs
+from kernels.fused_head import fused_head_loss
 from kernels.qrpo import QRPOStats, log_partition
 
 __all__ = [
