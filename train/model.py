@@ -32,10 +32,14 @@ class SequenceLogprobModel(nn.Module):
         score_index: torch.Tensor,
         score_targets: torch.Tensor,
         score_cu_seqlens: torch.Tensor,
-    ) -> torch.Tensor:
+        **fused,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Summed log-probs [S] of the packed row's sequences. `score_index` lists the positions
         whose next token counts (completion tokens), `score_targets` those tokens, and
-        `score_cu_seqlens` the sequence boundaries among them (see train.data.collate)."""
+        `score_cu_seqlens` the sequence boundaries among them (see train.data.collate).
+        With `fused` (loss_fn, group_size, host_cu_seqlens: train/fused.py) it returns
+        (loss, detached log-probs) of the fused head+loss pass instead; it goes through
+        forward() so that DDP and FSDP2 see the call."""
         # use_cache=False: with a cache, packed sequences would see each other (REFERENCE.md 7).
         hidden = self.model.base_model(
             input_ids=input_ids, position_ids=position_ids, use_cache=False
@@ -50,6 +54,17 @@ class SequenceLogprobModel(nn.Module):
         # The kernel takes max/LSE/target logit from fp32 accumulators itself; autocast inside it
         # would round its internal matmuls, so it is switched off around the call.
         with torch.autocast(hidden.device.type, enabled=False):
+            if fused:
+                return kernels.fused_head_loss(
+                    hidden.to(dtype),
+                    weight.to(dtype),
+                    score_targets,
+                    score_cu_seqlens,
+                    bias=None if bias is None else bias.to(dtype),
+                    backend=self.backend,
+                    check_targets=False,
+                    **fused,
+                )
             return kernels.sequence_logprobs(
                 hidden.to(dtype),
                 weight.to(dtype),
