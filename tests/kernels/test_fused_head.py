@@ -178,3 +178,115 @@ def test_loss_fn_must_return_a_scalar() -> None:
     with pytest.raises(ValueError, match="scalar"):
         fused_head_loss(h, inp["weight"], inp["targets"], inp["cu_seqlens"], lambda lp: -lp,
                         backend="torch")  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA: compiled kernels with the GPU tile table (run by the GPU job, skipped on CPU)
+# ---------------------------------------------------------------------------------------------
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.fixture
+def gpu_tiles():
+    """The device's own tile table instead of the tiny CPU tiles of this file's fixture."""
+    import kernels.tiles as tiles
+
+    previous, tiles._OVERRIDE = tiles._OVERRIDE, None
+    yield
+    tiles._OVERRIDE = previous
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_fused_matches_two_pass(dtype: torch.dtype, gpu_tiles) -> None:
+    """Pairs at realistic logits: one pair fits a 1,024-token chunk, one (0 + 1,300 tokens) takes
+    the two-pass route, an empty and a one-token sequence; float64 reference on rounded inputs."""
+    dim, vocab = 512, 32000
+    inp = make_inputs([700, 1, 0, 1300, 300, 301], dim=dim, vocab=vocab)
+    inp["weight"] = inp["weight"] * (2 / dim**0.5 / 0.3)
+    rounded = {k: (v.to(dtype).double() if v is not None and v.is_floating_point() else v)
+               for k, v in inp.items()}  # fmt: skip
+    cuda = {k: (v.cuda() if v is not None else None) for k, v in inp.items()}
+    cuda_rounded = {k: (v.cuda() if v is not None else None) for k, v in rounded.items()}
+    # Reference log-probs near the policy's, so that no pair's sigmoid saturates.
+    with torch.no_grad():
+        logps = sequence_logprobs(
+            cuda_rounded["hidden"], cuda_rounded["weight"], inp["targets"].cuda(),
+            inp["cu_seqlens"].cuda(), bias=cuda_rounded["bias"], backend="naive",
+        )  # fmt: skip
+    ref = logps.float() + torch.randn(6, device="cuda") * 5
+
+    def cuda_loss(lp):
+        h = (lp[0::2] - ref[0::2].to(lp)) - (lp[1::2] - ref[1::2].to(lp))
+        return -F.logsigmoid(0.1 * h).sum() / 7.0
+
+    want = reference(cuda_rounded, cuda_loss, torch.float64, "naive")
+    half = {k: (v.to(dtype) if v is not None and v.is_floating_point() else v)
+            for k, v in cuda.items()}  # fmt: skip
+    got = fused(half, cuda_loss, "triton", group_size=2, chunk_tokens=1024)
+    two_pass = reference(half, cuda_loss, dtype, "triton")
+    two_pass = [two_pass[0] * 1.5, two_pass[1]] + [g * 1.5 for g in two_pass[2:]]
+    want = [want[0] * 1.5, want[1]] + [g * 1.5 for g in want[2:]]
+    if dtype == torch.float32:
+        assert_close([g.cpu() for g in got], [w.cpu() for w in want], rtol=1e-5, atol=1e-4)
+        assert_close([g.cpu() for g in got], [t.cpu() for t in two_pass], rtol=1e-5, atol=1e-4)
+        return
+    torch.testing.assert_close(got[1].double(), want[1], rtol=0, atol=1e-2)
+    torch.testing.assert_close(got[1], two_pass[1], rtol=0, atol=1e-3)
+    for g, r in zip(got[2:], want[2:]):
+        torch.testing.assert_close(g.double(), r, rtol=2e-2, atol=2e-2 * r.abs().max().item())
+
+
+@pytest.mark.gpu
+@requires_cuda
+def test_cuda_backward_has_no_vocab_by_dim_fp32_buffer(gpu_tiles) -> None:
+    """sequence_logprobs forward+backward at a 128k vocabulary: the extra memory beyond inputs and
+    gradients stays well under the V x D fp32 accumulator (1.05 GB here) that the backward used
+    to keep."""
+    n, dim, vocab = 2048, 2048, 128256
+    h = torch.randn(n, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w = (torch.randn(vocab, dim, device="cuda") * 0.04).bfloat16().requires_grad_()
+    targets = torch.randint(0, vocab, (n,), device="cuda")
+    cu = torch.tensor([0, 1000, n], device="cuda")
+    sequence_logprobs(h, w, targets, cu, backend="triton").sum().backward()  # compile first
+    h.grad = w.grad = None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    sequence_logprobs(h, w, targets, cu, backend="triton").sum().backward()
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - before - h.grad.nbytes - w.grad.nbytes
+    assert extra < 0.4 * vocab * dim * 4, f"{extra / 2**20:.0f} MiB"
+    assert torch.isfinite(w.grad.float()).all()
+
+
+@pytest.mark.gpu
+@requires_cuda
+def test_cuda_fused_pass_has_no_host_sync(gpu_tiles) -> None:
+    """With host_cu_seqlens and check_targets=False the fused QRPO pass never blocks on the
+    device (torch's sync debug mode turns a synchronising call into an error)."""
+    inp = make_inputs([30, 0, 50, 7], dim=64, vocab=1000)
+    h = inp["hidden"].cuda().requires_grad_()
+    w = inp["weight"].cuda().requires_grad_()
+    targets, cu = inp["targets"].cuda(), inp["cu_seqlens"].cuda()
+    bounds = inp["cu_seqlens"].tolist()
+    rewards, ref_rewards = torch.rand(4, device="cuda"), torch.rand(4, 8, device="cuda")
+    ref = torch.full((4,), -300.0, device="cuda")
+
+    def step() -> None:
+        loss, _ = fused_head_loss(
+            h, w, targets, cu,
+            lambda lp: qrpo_loss(lp, ref, rewards, ref_rewards, 0.1, backend="triton").sum(),
+            backend="triton", check_targets=False, host_cu_seqlens=bounds, chunk_tokens=40,
+        )  # fmt: skip
+        loss.backward()
+
+    step()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
