@@ -69,26 +69,34 @@ def _config(tmp_path, algorithm: str, fused: bool) -> TrainConfig:
     )
 
 
-@pytest.mark.parametrize("algorithm", ["sft", "qrpo", "dpo"])
-def test_fused_micro_batch_equals_two_pass(tmp_path, monkeypatch, algorithm):
+@pytest.fixture(scope="module")
+def models():
+    """The tiny policy, moved off its reference so that log-ratios are not 0, and the reference."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
+    model_cfg = TrainConfig().model
+    AcceleratorState._reset_state()
+    accelerator = Accelerator(cpu=True)
+    policy = SequenceLogprobModel(load_model(model_cfg, log=lambda *_: None), "torch")
+    ref_model = SequenceLogprobModel(load_model(model_cfg, log=lambda *_: None), "torch").eval()
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.02)
+    return accelerator, policy, ref_model
+
+
+@pytest.mark.parametrize("algorithm", ["sft", "qrpo", "dpo"])
+def test_fused_micro_batch_equals_two_pass(tmp_path, monkeypatch, models, algorithm):
+    accelerator, policy, ref_model = models
     cfg = _config(tmp_path, algorithm, fused=True)
     assert fused_head_applies(cfg, torch.device("cpu"))
     examples, _ = load_examples(cfg)
     group = examples[:5]
     batch = collate(group)
     assert score_bounds(group) == batch.score_cu_seqlens.tolist()
-    AcceleratorState._reset_state()
-    accelerator = Accelerator(cpu=True)
-    causal_lm = load_model(cfg.model, log=lambda *_: None)
-    policy = SequenceLogprobModel(causal_lm, "torch")
-    ref_model = SequenceLogprobModel(load_model(cfg.model, log=lambda *_: None), "torch").eval()
-    with torch.no_grad():  # move the policy off the reference, so that log-ratios are not 0
-        for p in policy.parameters():
-            p.add_(torch.randn_like(p) * 0.02)
-    vocab = causal_lm.get_output_embeddings().weight.shape[0]
+    vocab = policy.model.get_output_embeddings().weight.shape[0]
     # 12-token chunks: the micro-batch spans several (completions have 5-7 tokens); a pair
     # longer than 12 tokens takes the two-pass fallback.
     monkeypatch.setitem(kernels.fused_head.MAX_LOGITS_ELEMENTS, "cpu", 12 * vocab)
