@@ -56,7 +56,7 @@ import torch
 from torch import Tensor
 
 from common.constants import IGNORE_INDEX
-from kernels.bench_methods import GEMM_UNITS, Method, available_methods
+from kernels.bench_methods import GEMM_UNITS, Method, available_methods, method_context
 from kernels.tiles import current_config, describe
 
 
@@ -436,7 +436,8 @@ def main() -> None:
                 )
                 continue
             try:
-                results.append(bench_one(shape, name, method, inputs, reference, peak, repeats))
+                with method_context(method, device, dtype, shape.dim, shape.vocab):
+                    results.append(bench_one(shape, name, method, inputs, reference, peak, repeats))
             except Exception as e:  # OOM or a missing feature must not stop the other methods
                 results.append(
                     Result(

@@ -19,8 +19,10 @@ layout needs N divisible by it, so a remainder of < 2B tokens is left out there.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from collections.abc import Callable
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -49,6 +51,28 @@ def _ours(backend: str) -> Method:
         return out, out.sum()
 
     return run
+
+
+def _triton_promoted() -> Method:
+    """The Triton backend with the tile table's choice, but tensor-core partial sums promoted to
+    the fp32 accumulator every 2 BLOCK_D slices (kernels/logprobs_triton.py, Precision). The
+    benchmark runs it, forward and backward, inside `method_context`."""
+    run = _ours("triton")
+    run.promote_every = 2
+    return run
+
+
+def method_context(method: Method, device: torch.device, dtype: torch.dtype, dim: int, vocab: int):
+    """The tile configuration a method asks for, around all of its calls (forward and backward)."""
+    promote = getattr(method, "promote_every", None)
+    if promote is None:
+        return contextlib.nullcontext()
+    from kernels.tiles import current_config, use_config
+
+    cfg = current_config(device, dtype, dim, vocab)
+    return use_config(
+        replace(cfg, promote_every=promote, source=f"{cfg.source} +promote {promote}")
+    )
 
 
 def _naive_compiled() -> Method:
@@ -164,6 +188,8 @@ def available_methods(
     methods: dict[str, Method | str] = {}
     cuda = device.type == "cuda"
     methods["triton"] = _ours("triton") if cuda else "skipped: Triton on CPU only interprets"
+    if cuda:
+        methods["triton+promote"] = _triton_promoted()
     methods["torch"] = _ours("torch")
     methods["naive"] = _ours("naive")
     if compile_naive:

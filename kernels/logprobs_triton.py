@@ -26,11 +26,12 @@ Precision:
   normalising the sum (Fasi et al. 2021, "Numerical behavior of NVIDIA tensor cores"), so chaining
   all D/BLOCK_D slices in one tensor-core accumulator biases every logit slightly toward zero. The
   biggest logits dominate the log-sum-exp, so the bias does not average out over a sequence: it
-  adds up over its tokens. The tile loop therefore sums `promote_every` slices in a fresh
+  adds up over its tokens. With `promote_every` = k > 1 the tile loop sums k slices in a fresh
   accumulator and adds that partial to the tile's fp32 accumulator with ordinary round-to-nearest
   adds (the promotion DeepSeek-V3 uses for FP8, arXiv 2412.19437 section 3.3.2). A single-slice
-  partial would be folded back by Triton (`acc + dot(a, b)` becomes `dot(a, b, acc)`), so the
-  promoted partial always spans >= 2 slices.
+  partial would be folded back by Triton (`acc + dot(a, b)` becomes `dot(a, b, acc)`), so a
+  promoted partial spans >= 2 slices. It costs a second fp32 tile accumulator in registers, so
+  the tile table decides per configuration (kernels/tiles.py); the benchmark measures both.
 - The per-sequence sum of token log-probs is taken in float64 (kernels.reference.segment_sum):
   in fp32, adding ~1000 terms of ~-14 to a running total of ~-12,000 (ulp 1e-3) costs ~0.01 nats.
 - Under the CPU interpreter (TRITON_INTERPRET=1) tl.dot on bf16/fp16 is computed wrongly by

@@ -13,8 +13,14 @@ Measured rows (source named in each row's `source`):
   (128, 128, 64, 8, 3) 49.1 / 166; (64, 256, 64, 8, 4) 39.8 / 161; (128, 128, 64, 4, 4)
   45.5 / 168; (128, 64, 64, 4, 3) 61.6 / 180. Shared memory per stage: 128x64 + 64x256 bf16
   = 48 KiB, 3 stages = 144 KiB of the 228 KiB an sm90 SM has.
+  The row keeps promote_every = 1 (all BLOCK_D slices chained in the tensor-core accumulator, as
+  swept): promoting needs a second 128x256 fp32 accumulator, another 128 registers per thread
+  at 8 warps, which would spill. `python -m kernels.bench` times "triton+promote" (the same
+  tiles with promote_every = 2) beside it, so one run shows what promotion costs and what error
+  it removes.
 - Everything else (other GPUs, fp32 operands, small heads): the previous default (64, 128, 64, 8,
-  3), a reasonable starting point that was not swept.
+  3), a reasonable starting point that was not swept, with promote_every = 2 (its 64x128
+  accumulator takes 32 registers per thread at 8 warps, so a second one is affordable).
 - The interpreter (TRITON_INTERPRET=1, CPU tests) uses tiny tiles so ragged edges are exercised.
 """
 
@@ -69,6 +75,7 @@ HOPPER_HALF = TritonConfig(
     block_d=64,
     num_warps=8,
     num_stages=3,
+    promote_every=1,
     source="table: sm90 half, H200 sweep at D=4096 V=128256 (2026-11-29)",
 )
 
