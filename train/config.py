@@ -38,7 +38,7 @@ class LossConfig:
     value_lr: float = doc(1e-2, "DRO: learning rate of the per-prompt value table")
     kernel_backend: str = doc("auto", "log-prob kernel: auto | triton | torch | naive")
     fused_head: Optional[bool] = doc(
-        None, "fused head+loss pass: null = on with CUDA (train/fused.py)"
+        None, "fused head+loss pass (train/fused.py): true | false | null = on with CUDA"
     )
 
     def __post_init__(self):
