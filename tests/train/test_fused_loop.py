@@ -132,3 +132,26 @@ def test_fused_micro_batch_equals_two_pass(tmp_path, monkeypatch, models, algori
         scale = g0[name].abs().max().item() + 1e-12
         torch.testing.assert_close(g1[name], g0[name], rtol=1e-4, atol=1e-5 * scale, msg=name)
     assert torch.equal(s0, s1)  # the generator ends where the two-pass path leaves it
+
+
+def test_fused_training_run_equals_two_pass(tmp_path):
+    """Three QRPO steps through train(), fused against two-pass: the same logged losses and
+    gradient norms (several micro-batches per step, randomized quantiles)."""
+    import json
+
+    from train.train import train
+
+    logs = []
+    for fused in (False, True):
+        (tmp_path / str(fused)).mkdir()
+        cfg = _config(tmp_path / str(fused), "qrpo", fused)
+        cfg.run.max_steps, cfg.run.global_batch, cfg.run.micro_batch_tokens = 3, 8, 96
+        cfg.run.plot = False
+        cfg.optim.lr = 1e-3
+        train(cfg)
+        lines = (tmp_path / str(fused) / "run" / "metrics.jsonl").read_text().splitlines()
+        logs.append([json.loads(line) for line in lines])
+    assert len(logs[0]) == len(logs[1]) == 3
+    for a, b in zip(*logs):
+        for key in ("loss", "grad_norm"):
+            torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-6)
