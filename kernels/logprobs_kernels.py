@@ -18,6 +18,31 @@ def _tanh(x):
 
 
 @triton.jit
+def _slice_dot(
+    h_ptr, w_ptr, rows, cols, row_ok, col_ok, d0, D, stride_h, stride_w, acc,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """acc + h[rows, d0:d0+BLOCK_D] @ w[cols, d0:d0+BLOCK_D]^T, chained in the dot's accumulator."""
+    ds = d0 + tl.arange(0, BLOCK_D)
+    d_ok = ds < D
+    h = tl.load(
+        h_ptr + rows[:, None] * stride_h + ds[None, :],
+        mask=row_ok[:, None] & d_ok[None, :],
+        other=0.0,
+    )
+    # W tile loaded transposed: [BLOCK_D, BLOCK_V].
+    w = tl.load(
+        w_ptr + cols[None, :] * stride_w + ds[:, None],
+        mask=col_ok[None, :] & d_ok[:, None],
+        other=0.0,
+    )
+    if UPCAST:
+        h = h.to(tl.float32)
+        w = w.to(tl.float32)
+    return tl.dot(h, w, acc, input_precision=DOT_PRECISION)
+
+
+@triton.jit
 def _logits_tile(
     h_ptr,
     w_ptr,
@@ -42,32 +67,24 @@ def _logits_tile(
 ):
     """fp32 tile z[BLOCK_N, BLOCK_V] and, for the softcap chain rule, t = tanh(lin/(T*cap)).
 
-    PROMOTE > 1: each group of PROMOTE BLOCK_D slices is summed in its own tensor-core
-    accumulator, then added to `acc` with round-to-nearest fp32 adds (module docstring)."""
+    PROMOTE == 1: every BLOCK_D slice chained in one tensor-core accumulator. PROMOTE > 1: each
+    group of PROMOTE slices is summed in its own accumulator, then added to `acc` with
+    round-to-nearest fp32 adds (kernels/logprobs_triton.py, Precision)."""
     acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_D * PROMOTE):
-        part = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
-        for k in tl.static_range(PROMOTE):
-            ds = d0 + k * BLOCK_D + tl.arange(0, BLOCK_D)
-            d_ok = ds < D
-            h = tl.load(
-                h_ptr + rows[:, None] * stride_h + ds[None, :],
-                mask=row_ok[:, None] & d_ok[None, :],
-                other=0.0,
-            )
-            # W tile loaded transposed: [BLOCK_D, BLOCK_V].
-            w = tl.load(
-                w_ptr + cols[None, :] * stride_w + ds[:, None],
-                mask=col_ok[None, :] & d_ok[:, None],
-                other=0.0,
-            )
-            if UPCAST:
-                h = h.to(tl.float32)
-                w = w.to(tl.float32)
-            part = tl.dot(h, w, part, input_precision=DOT_PRECISION)
-        if PROMOTE == 1:
-            acc = part + acc  # folded into the dot by Triton: one chained accumulator
-        else:
+    if PROMOTE == 1:
+        for d0 in range(0, D, BLOCK_D):
+            acc = _slice_dot(
+                h_ptr, w_ptr, rows, cols, row_ok, col_ok, d0, D, stride_h, stride_w, acc,
+                UPCAST, DOT_PRECISION, BLOCK_D,
+            )  # fmt: skip
+    else:
+        for d0 in range(0, D, BLOCK_D * PROMOTE):
+            part = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
+            for k in tl.static_range(PROMOTE):
+                part = _slice_dot(
+                    h_ptr, w_ptr, rows, cols, row_ok, col_ok, d0 + k * BLOCK_D, D, stride_h,
+                    stride_w, part, UPCAST, DOT_PRECISION, BLOCK_D,
+                )  # fmt: skip
             acc += part
     if HAS_BIAS:
         acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
