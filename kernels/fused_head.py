@@ -22,8 +22,8 @@ whose not-yet-known entries are 0, and once at the end on the finished vector; o
 entries receive a gradient. It must give the same value on every call (a loss that draws random
 numbers must draw the same ones each time, see train/fused.py).
 
-Memory: the [C, V] fp32 logits of a chunk (C tokens chosen so that C*V <= `max_logits_elements`,
-1 GiB by default on CUDA, and at least one group), and an fp32 [V, D] dW accumulator (dW of
+Memory: the [C, V] fp32 logits of a chunk (C*V <= MAX_LOGITS_ELEMENTS, 1 GiB on CUDA, stretched
+up to 2 GiB to keep the largest group whole), and an fp32 [V, D] dW accumulator (dW of
 several chunks is summed in fp32, never in bf16). The weight gradient is kept from forward to
 backward in the weight's dtype and scaled there by the upstream gradient (one more rounding for
 half weights when that scale is not a power of two).
@@ -241,6 +241,18 @@ class FusedHeadLoss(torch.autograd.Function):
 MAX_LOGITS_ELEMENTS = {"cuda": 2**28, "cpu": 2**24}
 
 
+def default_chunk_tokens(bounds: list[int], group_size: int, vocab: int, device: str) -> int:
+    """MAX_LOGITS_ELEMENTS // V tokens, stretched up to twice that so that the largest group
+    still fits whole (a pair of two 1,000-token sequences at V = 152,064 needs 1.2 GiB)."""
+    budget = max(1, MAX_LOGITS_ELEMENTS[device] // max(vocab, 1))
+    num_seqs = len(bounds) - 1
+    largest = max(
+        (bounds[min(num_seqs, g + group_size)] - bounds[g] for g in range(0, num_seqs, group_size)),
+        default=0,
+    )
+    return max(budget, min(largest, 2 * budget))
+
+
 def fused_head_loss(
     hidden: Tensor,
     weight: Tensor,
@@ -272,7 +284,7 @@ def fused_head_loss(
         backend: "auto" (triton on CUDA, torch otherwise), "triton" or "torch".
         host_cu_seqlens: cu_seqlens as a Python list, for planning the chunks on the host. When
             None it is read from `cu_seqlens` (one device sync on CUDA).
-        chunk_tokens: tokens per chunk (default: MAX_LOGITS_ELEMENTS // V).
+        chunk_tokens: tokens per chunk (default: `default_chunk_tokens`).
 
     Returns:
         (loss, logps): the scalar loss, differentiable w.r.t. hidden, weight and bias (backward
@@ -304,7 +316,7 @@ def fused_head_loss(
         return loss_fn(logps), logps
     v = weight.shape[0]
     if chunk_tokens is None:
-        chunk_tokens = max(1, MAX_LOGITS_ELEMENTS[hidden.device.type] // max(v, 1))
+        chunk_tokens = default_chunk_tokens(bounds, group_size, v, hidden.device.type)
     spec = FusedSpec(
         targets=targets,
         seq_id=sequence_ids(cu_seqlens, hidden.shape[0]),

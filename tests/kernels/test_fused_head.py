@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from common.constants import IGNORE_INDEX
 from kernels import fused_head_loss, qrpo_loss, sequence_logprobs
-from kernels.fused_head import plan_chunks
+from kernels.fused_head import MAX_LOGITS_ELEMENTS, default_chunk_tokens, plan_chunks
 from kernels.logprobs_triton import TritonConfig, use_config
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -142,6 +142,16 @@ def test_plan_keeps_groups_whole() -> None:
     assert plan_chunks(bounds, 2, 22) == [(0, 4), (4, 8)]
     assert plan_chunks(bounds, 1, 16) == [(0, 3), (3, 4), (4, 5), (5, 8)]
     assert plan_chunks([0], 1, 16) == [(0, 0)]
+
+
+def test_default_chunk_fits_the_largest_group_up_to_twice_the_budget() -> None:
+    budget = MAX_LOGITS_ELEMENTS["cuda"] // 152064  # 1,765 tokens at the Qwen2.5 vocabulary
+    pairs = [0, 1000, 2000, 3000, 4000]
+    assert default_chunk_tokens(pairs, 2, 152064, "cuda") == 2000
+    assert default_chunk_tokens(pairs, 1, 152064, "cuda") == budget
+    long_pair = [0, 3000, 6000]
+    assert default_chunk_tokens(long_pair, 2, 152064, "cuda") == 2 * budget  # then two passes
+    assert default_chunk_tokens([0], 1, 152064, "cuda") == budget
 
 
 def test_without_grad_matches_two_pass() -> None:
