@@ -15,7 +15,7 @@ once in the weight's dtype. No [V, D] fp32 buffer exists: dW is summed over all 
 inside one GEMM (K = N) or in the [Vs, D] fp32 slice buffer across token chunks, never in bf16.
 
 Memory math (Llama-3-8B head, V = 128256, D = 4096, bf16, N = 16384): workspace <= 48M elements
-(Vs = 2816 -> 92 MB), fp32 dH 268 MB, fp32 dW slice 46 MB: ~0.41 GB beyond inputs and gradients,
+(Vs = 3072: 101 MB), fp32 dH 268 MB, fp32 dW slice 50 MB: ~0.42 GB beyond inputs and gradients,
 against 2.1 GB for a [V, D] fp32 accumulator and 8.4 GB for fp32 logits. Every logits tile is
 computed twice (forward and backward), so forward+backward is 4 GEMM units.
 
