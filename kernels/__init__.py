@@ -1,15 +1,17 @@
 """No-logits kernels for QRPO: per-sequence log-probs from the LM head, and the QRPO loss.
 
-    from kernels import sequence_logprobs, qrpo_loss, log_partition
+    from kernels import sequence_logprobs, qrpo_loss, log_partition, fused_head_loss
 
 Triton is imported only when a Triton backend is used, so the package works on CPU-only installs.
 """
 
 from kernels.api import QRPOLoss, SequenceLogprobs, qrpo_loss, sequence_logprobs
+from kernels.fused_head import fused_head_loss
 from kernels.qrpo import QRPOStats, log_partition
 
 __all__ = [
     "sequence_logprobs",
+    "fused_head_loss",
     "qrpo_loss",
     "log_partition",
     "SequenceLogprobs",

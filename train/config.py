@@ -37,6 +37,9 @@ class LossConfig:
     kto_undesirable_weight: float = doc(1.0, "KTO: weight of undesirable examples")
     value_lr: float = doc(1e-2, "DRO: learning rate of the per-prompt value table")
     kernel_backend: str = doc("auto", "log-prob kernel: auto | triton | torch | naive")
+    fused_head: Optional[bool] = doc(
+        None, "fused head+loss pass (train/fused.py): true | false | null = on with CUDA"
+    )
 
     def __post_init__(self):
         if self.algorithm not in ALGORITHMS:

@@ -36,11 +36,15 @@ class SequenceLogprobModel(nn.Module):
         score_cu_seqlens: torch.Tensor,
         cu_seqlens: torch.Tensor,
         max_seqlen: int,
-    ) -> torch.Tensor:
+        **fused,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Summed log-probs [S] of the packed row's sequences. `score_index` lists the positions
         whose next token counts (completion tokens), `score_targets` those tokens, and
         `score_cu_seqlens` the sequence boundaries among them; `cu_seqlens` and `max_seqlen`
-        are the sequences' boundaries in the row, for varlen attention (see train.data.collate)."""
+        are the sequences' boundaries in the row, for varlen attention (see train.data.collate).
+        With `fused` (loss_fn, group_size, host_cu_seqlens: train/fused.py) it returns
+        (loss, detached log-probs) of the fused head+loss pass instead; it goes through
+        forward() so that DDP and FSDP2 see the call."""
         packing = packing_kwargs(self.model.config._attn_implementation, cu_seqlens, max_seqlen)
         # use_cache=False: with a cache, packed sequences would see each other.
         hidden = self.model.base_model(
@@ -56,6 +60,17 @@ class SequenceLogprobModel(nn.Module):
         # The kernel takes max/LSE/target logit from fp32 accumulators itself; autocast inside it
         # would round its internal matmuls, so it is switched off around the call.
         with torch.autocast(hidden.device.type, enabled=False):
+            if fused:
+                return kernels.fused_head_loss(
+                    hidden.to(dtype),
+                    weight.to(dtype),
+                    score_targets,
+                    score_cu_seqlens,
+                    bias=None if bias is None else bias.to(dtype),
+                    backend=self.backend,
+                    check_targets=False,
+                    **fused,
+                )
             return kernels.sequence_logprobs(
                 hidden.to(dtype),
                 weight.to(dtype),

@@ -40,6 +40,7 @@ from train.data import (
     pack,
     steps_per_epoch,
 )
+from train.fused import fused_head_applies, fused_micro_batch_loss
 from train.model import SequenceLogprobModel
 from train.preemption import PreemptionFlag
 from train.profiling import StepProfiler
@@ -434,6 +435,25 @@ def micro_batch_loss(
             return ref_model(*b.model_inputs()).float()
 
     try:
+        if fused_head_applies(cfg, batch.input_ids.device):
+            with accelerator.autocast():
+                ref_logps = batch.ref_logps if ref_model is None else reference(batch)
+                return fused_micro_batch_loss(
+                    cfg,
+                    policy,
+                    batch,
+                    group,
+                    lambda lp: example_losses(
+                        cfg,
+                        batch,
+                        lp,
+                        ref_logps,
+                        accelerator.unwrap_model(policy),
+                        rpo_values,
+                        generator,
+                    ),
+                    generator,
+                )
         with accelerator.autocast():
             logps = policy(*batch.model_inputs())
             ref_logps = batch.ref_logps if ref_model is None else reference(batch)

@@ -1,0 +1,76 @@
+"""The fused head+loss pass in the training loop (`loss.fused_head`).
+
+For algorithms whose loss depends on each sequence only through its own log-prob or its pair's
+(SFT, QRPO; DPO, SimPO, REBEL), `kernels.fused_head_loss` computes the log-probs, the loss and
+the LM head's gradients in one sweep over the vocabulary (3 GEMM units instead of 4). The loss is
+the loop's own: `example_losses` on the micro-batch, summed, as a closure of the log-probs, so the
+fused and the two-pass paths give the same loss and gradients (tests/train/test_fused_loop.py).
+KTO (its reference point is estimated from other completions), DRO (its value table is a
+trainable parameter of the loss) and reward partitioning take the two-pass path.
+
+Setting: `loss.fused_head` null (default) = on with CUDA where the algorithm allows, off on CPU,
+where the torch backend's two passes are faster than holding a chunk's logits; true = on where
+the algorithm allows (also on CPU, as in the tests); false = off.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from common.constants import IGNORE_INDEX
+from common.tokenize import shifted_targets
+from train.config import PAIR_ALGORITHMS
+from train.data import Batch, Example
+
+FUSED_ALGORITHMS = ("sft", "qrpo", "dpo", "simpo", "rebel")
+
+
+def fused_head_applies(cfg, device: torch.device) -> bool:
+    allowed = cfg.loss.algorithm in FUSED_ALGORITHMS and cfg.loss.kernel_backend != "naive"
+    if cfg.loss.fused_head is None:
+        return allowed and device.type == "cuda"
+    return allowed and bool(cfg.loss.fused_head)
+
+
+def score_bounds(group: list[Example]) -> list[int]:
+    """Host copy of the batch's score_cu_seqlens (as train.data.collate builds it), so the chunk
+    plan needs no device sync."""
+    bounds = [0]
+    for e in group:
+        for s in e.sequences:
+            scored = sum(t != IGNORE_INDEX for t in shifted_targets(s.input_ids, s.prompt_len))
+            bounds.append(bounds[-1] + scored)
+    return bounds
+
+
+def fused_micro_batch_loss(
+    cfg,
+    policy,
+    batch: Batch,
+    group: list[Example],
+    per_example: Callable[[torch.Tensor], tuple[torch.Tensor, dict]],
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, dict]:
+    """The micro-batch's summed loss (gradients computed in the forward) and its metrics.
+
+    `per_example(logps)` is the loop's loss of this micro-batch. It is called once per chunk
+    and once more for the metrics; the generator is rewound before each call, so a randomized
+    quantile estimator draws the same numbers every time, and the generator ends one draw on,
+    as after the two-pass path."""
+    state = generator.get_state()
+
+    def loss_fn(logps: torch.Tensor) -> torch.Tensor:
+        generator.set_state(state)
+        return per_example(logps)[0].sum()
+
+    loss, logps = policy(
+        *batch.model_inputs(),
+        loss_fn=loss_fn,
+        group_size=2 if cfg.loss.algorithm in PAIR_ALGORITHMS else 1,
+        host_cu_seqlens=score_bounds(group),
+    )
+    generator.set_state(state)
+    _, metrics = per_example(logps)
+    return loss, metrics
