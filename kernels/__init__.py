@@ -6,6 +6,7 @@ Triton is imported only when a Triton backend is used, so the package works on C
 """
 
 from kernels.api import QRPOLoss, SequenceLogprobs, qrpo_loss, sequence_logprobs
+from kernels.partition import PARTITIONS
 from kernels.qrpo import QRPOStats, log_partition
 
 __all__ = [
@@ -15,4 +16,5 @@ __all__ = [
     "SequenceLogprobs",
     "QRPOLoss",
     "QRPOStats",
+    "PARTITIONS",
 ]
