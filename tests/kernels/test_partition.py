@@ -336,3 +336,18 @@ def test_cuda_triton_matches_torch(partition, estimator, transform):
     torch.testing.assert_close(stats_k.beta_logz, stats_t.beta_logz, rtol=0, atol=0)
     torch.testing.assert_close(loss_k, loss_t, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(grad_k, grad_t, rtol=1e-5, atol=1e-5)
+
+
+def test_module_face_passes_the_partition():
+    from kernels import QRPOLoss
+
+    b = tied_batch(seed=6)
+    args = (b["logps"], b["ref_logps"], b["rewards"], b["ref_rewards"])
+    kwargs = dict(ref_mask=b["mask"], exclude_index=b["exclude"])
+    _, stats = QRPOLoss(beta=0.2, partition="empirical", backend="torch")(*args, **kwargs)
+    _, want = qrpo_loss(*args, 0.2, partition="empirical", return_stats=True, **kwargs)
+    torch.testing.assert_close(stats.beta_logz, want.beta_logz)
+    _, closed = qrpo_loss(*args, 0.2, return_stats=True, **kwargs)
+    assert (stats.beta_logz - closed.beta_logz).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="partition"):
+        QRPOLoss(beta=0.1, partition="exact")
