@@ -283,8 +283,7 @@ def run(cfg: BanditConfig) -> list[dict]:
     out.mkdir(parents=True, exist_ok=True)
     table = markdown_table(results, cfg)
     (out / "partition_bandit.md").write_text(table)
-    config = {k: v for k, v in asdict(cfg).items()}
-    payload = {"config": config, "results": results, "seconds": time.perf_counter() - start}
+    payload = {"config": asdict(cfg), "results": results, "seconds": time.perf_counter() - start}
     (out / "partition_bandit.json").write_text(json.dumps(payload, indent=1))
     if cfg.plot:
         plot(results, cfg, out / "partition_bandit.png")
