@@ -7,6 +7,7 @@ Triton is imported only when a Triton backend is used, so the package works on C
 
 from kernels.api import QRPOLoss, SequenceLogprobs, qrpo_loss, sequence_logprobs
 from kernels.fused_head import fused_head_loss
+from kernels.partition import PARTITIONS
 from kernels.qrpo import QRPOStats, log_partition
 
 __all__ = [
@@ -17,4 +18,5 @@ __all__ = [
     "SequenceLogprobs",
     "QRPOLoss",
     "QRPOStats",
+    "PARTITIONS",
 ]

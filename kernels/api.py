@@ -23,13 +23,13 @@ import torch
 from torch import Tensor, nn
 
 from common.constants import IGNORE_INDEX
+from kernels.partition import EMPIRICAL_ESTIMATORS, PARTITIONS, row_log_partition
 from kernels.qrpo import (
     ESTIMATORS,
     LOSS_TYPES,
     TRANSFORMS,
     QRPOStats,
     draw_uniform,
-    log_partition,
     qrpo_loss_torch,
     reference_validity,
 )
@@ -263,11 +263,18 @@ def _check_loss_args(
     exclude_index: Tensor | None,
     loss_type: str,
     generator: torch.Generator | None,
+    partition: str,
 ) -> None:
     if transform not in TRANSFORMS:
         raise ValueError(f"transform must be one of {TRANSFORMS}, got {transform!r}")
     if estimator not in ESTIMATORS:
         raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+    if partition not in PARTITIONS:
+        raise ValueError(f"partition must be one of {PARTITIONS}, got {partition!r}")
+    if partition == "empirical" and estimator not in EMPIRICAL_ESTIMATORS:
+        raise ValueError(
+            f"partition='empirical' needs estimator in {EMPIRICAL_ESTIMATORS}, got {estimator!r}"
+        )
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
     if logps.dim() != 1:
@@ -358,6 +365,7 @@ def qrpo_loss(
     generator: torch.Generator | None = None,
     return_stats: bool = False,
     backend: str = "auto",
+    partition: str = "closed_form",
 ) -> Tensor | tuple[Tensor, QRPOStats]:
     """Per-sample QRPO loss (Matrenok et al. 2025, "Quantile Reward Policy Optimization",
     arXiv 2507.08068): a pointwise regression of the policy log-ratio onto the quantile reward.
@@ -386,6 +394,11 @@ def qrpo_loss(
             torch's default generator (then runs are reproducible only through torch.manual_seed).
         return_stats: also return a QRPOStats of detached per-sample diagnostics.
         backend: "auto" (triton on CUDA, torch otherwise), "triton" or "torch".
+        partition: the log Z of each row (docs/partition.md): "closed_form" (the paper's,
+            q ~ Uniform(0, 1)), "finite_k" (q uniform on the grid j/K, K = the row's number of
+            valid reference rewards) or "empirical" (from the row's own reference rewards, for
+            ties; inclusive and midrank estimators only). Computed once in float64 torch and shared
+            by both backends.
 
     Returns:
         loss [B] float32, or (loss, stats) when return_stats.
@@ -403,6 +416,7 @@ def qrpo_loss(
         exclude_index,
         loss_type,
         generator,
+        partition,
     )
     b = logps.shape[0]
     beta_rows = _as_rows(beta, "beta", b, logps.device)
@@ -414,6 +428,17 @@ def qrpo_loss(
             rewards, ref_rewards, valid, beta_rows, sigma_rows, exclude_index, transform
         )
     uniform = draw_uniform(b, generator, logps.device) if estimator == "randomized" else None
+    log_z = row_log_partition(
+        partition,
+        transform,
+        beta_rows,
+        sigma=sigma_rows,
+        ref_rewards=ref_rewards,
+        ref_mask=ref_mask,
+        exclude_index=exclude_index,
+        estimator=estimator,
+    )
+    beta_logz = beta_rows * log_z
 
     if resolved == "torch":
         loss, stats = qrpo_loss_torch(
@@ -422,6 +447,7 @@ def qrpo_loss(
             rewards.detach(),
             ref_rewards,
             beta_rows,
+            beta_logz,
             transform=transform,
             ref_mask=ref_mask,
             sigma=sigma_rows,
@@ -434,7 +460,6 @@ def qrpo_loss(
 
     from kernels.qrpo_triton import QRPOBatch, TritonQRPOLoss  # triton imported lazily
 
-    beta_logz = beta_rows * log_partition(transform, beta_rows, sigma_rows)
     batch = QRPOBatch(
         ref_logps=ref_logps.detach(),
         rewards=rewards.detach(),
@@ -474,6 +499,7 @@ class QRPOLoss(nn.Module):
         estimator: str = "inclusive",
         loss_type: str = "squared",
         backend: str = "auto",
+        partition: str = "closed_form",
     ) -> None:
         super().__init__()
         for name, value, allowed in (
@@ -481,13 +507,14 @@ class QRPOLoss(nn.Module):
             ("estimator", estimator, ESTIMATORS),
             ("loss_type", loss_type, LOSS_TYPES),
             ("backend", backend, LOSS_BACKENDS),
+            ("partition", partition, PARTITIONS),
         ):
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
         if not beta > 0:
             raise ValueError(f"beta must be > 0, got {beta}")
         self.beta, self.transform, self.estimator = beta, transform, estimator
-        self.loss_type, self.backend = loss_type, backend
+        self.loss_type, self.backend, self.partition = loss_type, backend, partition
 
     def forward(
         self,
@@ -516,4 +543,5 @@ class QRPOLoss(nn.Module):
             generator=generator,
             return_stats=True,
             backend=self.backend,
+            partition=self.partition,
         )

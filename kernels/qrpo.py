@@ -7,9 +7,11 @@ from the quantile of the completion's reward among K reference rewards of the sa
     residual = f(q) - beta * log Z_f(beta) - beta * (logp(y|x) - logp_ref(y|x))
     loss     = residual**2                                   (or |residual|)
 
-Under pi_ref the quantile is Uniform(0, 1), so Z_f(beta) = int_0^1 exp(f(q)/beta) dq is known in
-closed form for every transform f below (paper, Table 4). All of that is computed here in float64:
-it is O(B * K) work, and float64 keeps log Z exact at beta = 3e-4 where 1/beta = 3333.
+Under pi_ref the true quantile is Uniform(0, 1), so Z_f(beta) = int_0^1 exp(f(q)/beta) dq is known
+in closed form for every transform f below (paper, Table 4). The estimated quantile is not uniform
+at finite K or under ties; kernels/partition.py holds the forms of log Z for that case
+(docs/partition.md). All of that is computed here in float64: it is O(B * K) work, and float64
+keeps log Z exact at beta = 3e-4 where 1/beta = 3333.
 """
 
 from __future__ import annotations
@@ -191,6 +193,7 @@ def qrpo_loss_torch(
     rewards: Tensor,
     ref_rewards: Tensor,
     beta: Tensor,
+    beta_logz: Tensor,
     *,
     transform: str,
     ref_mask: Tensor | None,
@@ -202,13 +205,15 @@ def qrpo_loss_torch(
 ) -> tuple[Tensor, QRPOStats]:
     """Per-sample QRPO loss [B] (float32) and its stats; inputs already validated by the API.
 
-    `beta` is a float64 [B] tensor. Everything runs in float64 through plain autograd; only
-    `logps` carries gradient (d loss / d logps = dloss/dresidual * -beta).
+    `beta` and `beta_logz` (beta * log Z of each row, from kernels.partition.row_log_partition)
+    are float64 [B] tensors. Everything runs in float64 through plain autograd; only `logps`
+    carries gradient (d loss / d logps = dloss/dresidual * -beta): log Z is a constant of the
+    regression whichever form computed it.
     """
     valid = reference_validity(ref_rewards, ref_mask, exclude_index)
     q, k_valid = estimate_quantile(rewards, ref_rewards, valid, estimator, uniform)
     fq = apply_transform(q, k_valid, transform, sigma)
-    beta_logz = beta * log_partition(transform, beta, sigma)
+    beta_logz = beta_logz.detach().to(torch.float64)
     log_ratio = logps.to(torch.float64) - ref_logps.detach().to(torch.float64)
     residual = fq - beta_logz - beta * log_ratio
     loss = residual.square() if loss_type == "squared" else residual.abs()

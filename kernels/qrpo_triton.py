@@ -5,9 +5,11 @@ One program handles BLOCK_B rows and walks their K reference rewards in BLOCK_K 
 the loss. Memory traffic is one read of ref_rewards (B*K values); nothing [B, K]-sized is written.
 
 Decisions:
-- beta * log Z_f(beta) is passed in per sample, computed by `kernels.qrpo.log_partition` in float64
-  torch ops on the device (no sync). It is O(B) work, and the `square` transform needs a
-  96-node quadrature that is simpler and more exact in float64 torch than inside the kernel.
+- beta * log Z is passed in per sample, computed by `kernels.partition.row_log_partition` in
+  float64 torch ops on the device (no sync), so both backends use the very same value for every
+  partition form. The closed forms are O(B) work, the finite-K grid O(B * K) and the empirical
+  form a sort per row; the `square` transform needs a 96-node quadrature; all are simpler and
+  more exact in float64 torch than inside the kernel.
 - The randomized estimator's U ~ Uniform(0, 1) is drawn by torch from the caller's generator, so
   both backends consume the same random stream.
 - Rewards are compared in their own dtype (both cast to their promoted dtype on the host), so

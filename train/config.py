@@ -8,6 +8,7 @@ from typing import Optional
 from common.config import ConfigError, doc, sub
 from common.data import DataConfig
 from common.model import ModelConfig
+from kernels.partition import EMPIRICAL_ESTIMATORS, PARTITIONS
 
 ALGORITHMS = ("sft", "qrpo", "dpo", "simpo", "rebel", "kto", "dro", "rpo_partition")
 PAIR_ALGORITHMS = ("dpo", "simpo", "rebel")
@@ -28,6 +29,11 @@ class LossConfig:
     estimator: str = doc("inclusive", "QRPO quantile estimator: inclusive | midrank | randomized")
     exclude_self: bool = doc(True, "QRPO: leave a completion's own reward out of its reference set")
     loss_type: str = doc("squared", "QRPO regression loss: squared | absolute")
+    partition: str = doc(
+        "closed_form",
+        "QRPO log Z: closed_form (paper, K -> inf) | finite_k (grid j/K) | empirical (own refs, "
+        "for ties; inclusive|midrank) - see docs/partition.md",
+    )
     gamma: float = doc(1.0, "SimPO margin gamma (paper: gamma/beta = 0.5)")
     tau: float = doc(1.0, "DRO / reward-partition temperature tau")
     kto_threshold: float = doc(
@@ -48,6 +54,13 @@ class LossConfig:
             raise ConfigError("loss.beta must be > 0")
         if self.kernel_backend not in ("auto", "triton", "torch", "naive"):
             raise ConfigError("loss.kernel_backend must be auto | triton | torch | naive")
+        if self.partition not in PARTITIONS:
+            raise ConfigError(f"loss.partition must be one of {PARTITIONS}, got '{self.partition}'")
+        if self.partition == "empirical" and self.estimator not in EMPIRICAL_ESTIMATORS:
+            raise ConfigError(
+                f"loss.partition=empirical needs loss.estimator in {EMPIRICAL_ESTIMATORS}, got "
+                f"'{self.estimator}' (the randomized estimator breaks ties: use finite_k)"
+            )
 
 
 @dataclass

@@ -166,6 +166,7 @@ def example_losses(
             loss_type=lc.loss_type,
             generator=generator,
             backend=lc.kernel_backend,
+            partition=lc.partition,
         )
     if algo == "kto":
         return losses.kto_loss(

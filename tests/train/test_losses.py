@@ -497,6 +497,49 @@ def test_qrpo_pairs_are_pointwise_samples():
     torch.testing.assert_close(both.mean(), ((loss_c + loss_r) / 2).mean())
 
 
+def test_qrpo_partition_forms_reach_the_target():
+    """loss.partition flows through train's wrapper: per sample, with length-normalised beta and
+    a ragged mask, beta_logz is beta_eff * log Z_K (grid j/K, K = the row's valid count) or the
+    empirical mean over its reference rewards; the gradient keeps its form -2 beta residual."""
+    logps, ref, rewards, ref_rewards = qrpo_inputs(batch=6, k=5)
+    mask = torch.ones(6, 5, dtype=torch.bool)
+    mask[1, 3:] = False
+    mask[4, 0] = False
+    num_tokens = torch.tensor([3, 10, 20, 50, 7, 40])
+    betas = [min(0.5 / n, 0.1) for n in num_tokens.tolist()]
+    valid = [[x for x, m in zip(row, ms) if m] for row, ms in zip(ref_rewards.tolist(), mask)]
+    want = {
+        "finite_k": [
+            b * math.log(sum(math.exp(j / len(v) / b) for j in range(len(v) + 1)) / (len(v) + 1))
+            for b, v in zip(betas, valid)
+        ],
+        "empirical": [
+            b * math.log(sum(math.exp(sum(y <= x for y in v) / len(v) / b) for x in v) / len(v))
+            for b, v in zip(betas, valid)
+        ],
+    }
+    for partition, expected in want.items():
+        loss, metrics = qrpo_loss(
+            logps, ref, rewards, ref_rewards, beta=0.5, num_tokens=num_tokens,
+            length_normalized=True, ref_mask=mask, partition=partition,
+        )  # fmt: skip
+        close32(metrics["qrpo/beta_logz"], tensor(expected))
+        (g_logps,) = grads(loss, logps)
+        close32(g_logps, -2.0 * tensor(betas) * metrics["qrpo/residual"].double())
+
+
+def test_qrpo_partition_is_a_checked_config_override():
+    from common.config import ConfigError, build_config
+    from train.config import TrainConfig
+
+    cfg = build_config(TrainConfig, None, ["loss.partition=finite_k"])
+    assert (cfg.loss.partition, TrainConfig().loss.partition) == ("finite_k", "closed_form")
+    with pytest.raises(ConfigError, match="loss.partition must be one of"):
+        build_config(TrainConfig, None, ["loss.partition=finite"])
+    with pytest.raises(ConfigError, match="loss.partition=empirical needs loss.estimator"):
+        build_config(TrainConfig, None, ["loss.partition=empirical", "loss.estimator=randomized"])
+
+
 def test_qrpo_gradients_reach_logps_only():
     logps, ref, rewards, ref_rewards = qrpo_inputs()
     loss, _ = qrpo_loss(logps, ref, rewards, ref_rewards, beta=0.01)

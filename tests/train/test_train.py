@@ -2,6 +2,7 @@
 check, resume after a real kill, two processes against one, and bad data before any model."""
 
 import json
+import math
 import os
 import random
 import signal
@@ -471,3 +472,23 @@ def test_qrpo_transforms_train(tmp_path, data_files, transform):
         json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     ]
     assert all(r["loss"] == r["loss"] and r["qrpo/beta"] <= 0.5 for r in records)
+
+
+def test_qrpo_partition_override_reaches_the_loss(tmp_path, data_files):
+    """loss.partition=finite_k from the command line: every row of the grouped data is one of
+    its prompt's 4 reference completions, left out of its own set (K = 3), so the logged
+    beta*log Z is beta * log(1/4 sum_j exp(j/3/beta)); empirical trains too."""
+    beta = 0.3
+    want = beta * math.log(sum(math.exp(j / 3 / beta) for j in range(4)) / 4)
+    for partition in ("finite_k", "empirical"):
+        run_dir = tmp_path / partition
+        cfg = _cfg(
+            run_dir, data_files["grouped"], "qrpo", "run.max_steps=1", f"loss.beta={beta}",
+            f"loss.partition={partition}",
+        )  # fmt: skip
+        train(cfg)
+        lines = (Path(cfg.run.run_dir) / "metrics.jsonl").read_text().splitlines()
+        record = json.loads(lines[0])
+        assert record["loss"] == record["loss"]
+        if partition == "finite_k":
+            assert record["qrpo/beta_logz"] == pytest.approx(want, rel=1e-6)

@@ -40,6 +40,7 @@ def qrpo_loss(
     loss_type: str = "squared",
     generator: torch.Generator | None = None,
     backend: str = "auto",
+    partition: str = "closed_form",
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """QRPO loss per completion (REFERENCE.md section 1):
 
@@ -47,8 +48,10 @@ def qrpo_loss(
         residual = f(q) - beta * log Z_f(beta) - beta * (log pi(y|x) - log pi_ref(y|x))
         loss     = residual**2                       (|residual| with loss_type="absolute")
 
-    with Z_f(beta) = E_{q ~ U(0,1)}[exp(f(q) / beta)], exact under pi_ref; for f = identity,
-    beta * log Z = beta * (log(beta) + 1/beta + log1p(-exp(-1/beta))). Gradient (identity,
+    with Z_f(beta) = E_{q ~ U(0,1)}[exp(f(q) / beta)], exact under pi_ref as K -> infinity; for
+    f = identity, beta * log Z = beta * (log(beta) + 1/beta + log1p(-exp(-1/beta))). With
+    partition="finite_k" or "empirical", Z is the expectation of exp(f(q_hat)/beta) for the
+    quantile as estimated from the row's K reference rewards (docs/partition.md). Gradient (identity,
     squared): d loss / d log pi = -2 * beta * residual.
 
     Pointwise: every row is one (prompt, completion, reward) sample. The reference code's
@@ -69,8 +72,8 @@ def qrpo_loss(
         num_tokens: [B] completion lengths; needed with `length_normalized`.
         length_normalized: use beta_eff = min(beta / num_tokens, max_beta) per sample.
         max_beta: upper clamp of the length-normalised beta.
-        transform, ref_mask, sigma, estimator, exclude_index, loss_type, generator, backend:
-            passed to `kernels.qrpo_loss` (see its docstring).
+        transform, ref_mask, sigma, estimator, exclude_index, loss_type, generator, backend,
+        partition: passed to `kernels.qrpo_loss` (see its docstring).
 
     Returns:
         loss [B] float32 and per-example metrics: "qrpo/q", "qrpo/f_q", "qrpo/beta_logz",
@@ -105,6 +108,7 @@ def qrpo_loss(
         generator=generator,
         return_stats=True,
         backend=backend,
+        partition=partition,
     )
     metrics = {f"qrpo/{name}": _stat(stats, keys).detach() for name, keys in _STATS.items()}
     metrics["qrpo/beta"] = beta_per_sample
