@@ -36,6 +36,7 @@ def _config(tmp_path, *extra):
     return build_config(FrontierConfig, None, [f"out={tmp_path}", *SMALL, *extra])
 
 
+@pytest.mark.slow  # about 90 s on two shared cores: three frontier calls and one SLURM job
 def test_reduced_frontier_table_shared_reference_and_resume(tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)
     report = run(_config(tmp_path))
