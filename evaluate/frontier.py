@@ -38,14 +38,14 @@ evaluation follows here when they end.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import sys
 import time
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 from common.config import ConfigError, build_config, doc, parse_config
+from evaluate.frontier_report import reference_samples_hash, write_report
 
 QRPO_TINY = "configs/train/qrpo_tiny.yaml"
 PAIRS_TINY = "configs/train/dpo_tiny.yaml"
@@ -134,7 +134,7 @@ class FrontierConfig:
         False, "add QRPO with each loss.partition form at K=4 and 16 (needs loss.partition)"
     )
     train_overrides: list = doc(["run.plot=false"], "overrides of every run, before the curve's")
-    threads: int = doc(1, "torch CPU threads in this process (0: torch's default); see below")
+    threads: int = doc(1, "torch CPU threads of this process (0: torch's default)")
     slurm: bool = doc(False, "train the runs as one SLURM job array (slurm.train), then evaluate")
     slurm_config: str = doc("", "SLURM profile YAML (as slurm.train's --slurm-config)")
     slurm_args: list = doc([], "SLURM keys, e.g. [partition=cpu,gpus_per_node=0,time=30]")
@@ -180,7 +180,6 @@ class RunSpec:
     seed: int
     k: int
     run_dir: Path
-    overrides: list[str] = field(default_factory=list)
 
     @property
     def name(self) -> str:
@@ -331,17 +330,6 @@ def train_slurm(cfg: FrontierConfig, todo: list[RunSpec], inputs: dict[int, dict
 # --------------------------------------------------------------------------- evaluation
 
 
-def reference_samples_hash(samples_file: Path, reference: str) -> str:
-    """SHA-256 of the reference's held-out samples (prompt, sample index, completion)."""
-    digest = hashlib.sha256()
-    for line in samples_file.read_text().splitlines():
-        rec = json.loads(line)
-        if rec["model"] == reference:
-            key = [rec["prompt_index"], rec["sample"], rec["completion"]]
-            digest.update((json.dumps(key) + "\n").encode())
-    return digest.hexdigest()
-
-
 def evaluate_seed(cfg: FrontierConfig, seed: int, specs: list[RunSpec], inputs: dict) -> None:
     """One evaluate call: the seed's reference, then every run of `specs`."""
     from evaluate.evaluate import EvalConfig, evaluate
@@ -397,8 +385,6 @@ def evaluate_seed(cfg: FrontierConfig, seed: int, specs: list[RunSpec], inputs: 
 
 
 def run(cfg: FrontierConfig) -> dict:
-    from evaluate.frontier_report import write_report
-
     t0 = time.perf_counter()
     if cfg.threads:
         # The embedded model (2 layers, width 64) is bound by per-op overhead, not FLOPs: a
