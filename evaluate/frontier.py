@@ -3,7 +3,7 @@ evaluated on held-out prompts against the same reference samples.
 
     python -m evaluate.frontier                                  # the embedded default, CPU
     python -m evaluate.frontier seeds=[0] only=[qrpo_identity,dpo] out=runs/frontier_small
-    python -m evaluate.frontier --config my_frontier.yaml       # your own curves (see CurveConfig)
+    python -m evaluate.frontier --config configs/frontier/qrpo_k.yaml   # curves from a YAML
     python -m evaluate.frontier slurm=true slurm_args=[partition=cpu,gpus_per_node=0,time=30]
 
 Per seed it writes the task data, SFTs the reference (the demo's recipe, train/demo.py) and runs
@@ -33,7 +33,8 @@ per algorithm, error bars over seeds), seedS/ (data, sft, kK/ reference data, CU
 Resumable: a run whose final/ and frontier_eval.json exist is skipped; the data, SFT and
 generate steps skip what they find done. With `slurm=true` the runs left to train are submitted
 as one job array through slurm.train (its `cluster=local|debug` run on this machine), and the
-evaluation follows here when they end.
+evaluation follows here when they end; the per-seed data, SFT and evaluation still run in this
+process (small on the embedded task; a large model wants them as jobs of their own).
 """
 
 from __future__ import annotations

@@ -113,6 +113,8 @@ def test_reduced_frontier_table_shared_reference_and_resume(tmp_path, monkeypatc
 
 
 def test_config_errors_name_the_curve():
+    cfg = build_config(FrontierConfig, ROOT / "configs/frontier/qrpo_k.yaml", ["only=[qrpo_k4]"])
+    assert [(c.name, c.k, c.data) for c in cfg.active_curves()] == [("qrpo_k4", 4, "pointwise")]
     with pytest.raises(ConfigError, match="only: no curve named"):
         build_config(FrontierConfig, None, ["only=[nope]"])
     with pytest.raises(ConfigError, match="qrpo_identity"):
