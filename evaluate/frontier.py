@@ -233,7 +233,8 @@ def prepare_seed(cfg: FrontierConfig, seed: int, needs: dict[int, set[str]]) -> 
     for k in sorted(needs):
         gen = root / f"k{k}"
         data[k] = {kind: gen / kind / "ref_logps.parquet" for kind in DATA_KINDS}
-        if not data[k]["pointwise"].is_file():
+        rewards = gen / "pointwise" / "reward.parquet"  # the pairs' input
+        if not (data[k]["pointwise"].is_file() and rewards.is_file()):
             _log(f"seed {seed}: reference data, {k} samples per training prompt")
             sampled = [
                 f"data.path={files['train_prompts']}",
@@ -246,13 +247,13 @@ def prepare_seed(cfg: FrontierConfig, seed: int, needs: dict[int, set[str]]) -> 
             ]
             steps = ["build.regime=pointwise", "steps=[sample,reward,build,ref_logps,merge]"]
             run_pipeline(build_config(PipelineConfig, None, [*sampled, *steps]))
-            # The pairs' input: the same samples with their rewards, merged into one file.
+            # The same samples with their rewards, merged into one file.
             merge = ["steps=[merge]", "merge.step=reward"]
             run_pipeline(build_config(PipelineConfig, None, [*sampled, *merge]))
         if "pairs" in needs[k] and not data[k]["pairs"].is_file():
             _log(f"seed {seed}: best/worst pairs of the {k} samples per training prompt")
             pair_args = [
-                f"data.path={gen / 'pointwise' / 'reward.parquet'}",
+                f"data.path={rewards}",
                 f"out={gen / 'pairs'}",
                 "build.regime=best_worst",
                 "steps=[build,ref_logps,merge]",
