@@ -114,7 +114,7 @@ class Run:
 
 def plan_runs(args: LaunchArgs) -> tuple[str, list[Run]]:
     """The base run directory and every run of the grid (one without a sweep), each checked."""
-    from train.config import PAIR_ALGORITHMS, TrainConfig
+    from train.config import TrainConfig
 
     base = task_config(TrainConfig, args.config, args.overrides)
     points = grid_points(args.grid) or [("", [])]
@@ -125,20 +125,36 @@ def plan_runs(args: LaunchArgs) -> tuple[str, list[Run]]:
             TrainConfig, args.config, [*args.overrides, *extra, override("run.run_dir", run_dir)]
         )
         runs.append(Run(name, cfg))
-    # What the job would only find out on the nodes, found here.
-    cfg = runs[0].cfg
-    if not cfg.data.path:
-        raise ConfigError("data.path is empty: give the training data (data.path=FILE)")
-    check_path("data.path", cfg.data.path, hub_ok=True)
-    for field, path in [
-        ("model.name_or_path", cfg.model.name_or_path),
-        ("model.tokenizer", cfg.model.tokenizer),
-        ("ref.name_or_path", cfg.ref.name_or_path),
-    ]:
-        if path != "tiny":
-            check_path(field, path, hub_ok=True)
+    check_runs(runs, args.slurm)
+    return base.run.run_dir, runs
+
+
+def check_runs(runs: list[Run], slurm: SlurmConfig) -> None:
+    """What the job would only find out on the nodes, found here."""
+    from train.config import PAIR_ALGORITHMS
+
+    inputs = {
+        (
+            r.cfg.data.path,
+            r.cfg.model.name_or_path,
+            r.cfg.model.tokenizer,
+            r.cfg.ref.name_or_path,
+        ): r.cfg
+        for r in runs
+    }
+    for cfg in inputs.values():  # once per distinct set of inputs
+        if not cfg.data.path:
+            raise ConfigError("data.path is empty: give the training data (data.path=FILE)")
+        check_path("data.path", cfg.data.path, hub_ok=True)
+        for field, path in [
+            ("model.name_or_path", cfg.model.name_or_path),
+            ("model.tokenizer", cfg.model.tokenizer),
+            ("ref.name_or_path", cfg.ref.name_or_path),
+        ]:
+            if path != "tiny":
+                check_path(field, path, hub_ok=True)
     sig = preempt_signal().name
-    world = args.slurm.nodes * args.slurm.per_node
+    world = slurm.nodes * slurm.per_node
     for run in runs:
         if sig not in run.cfg.run.preempt_signals:
             raise ConfigError(
@@ -151,15 +167,20 @@ def plan_runs(args: LaunchArgs) -> tuple[str, list[Run]]:
         if per_step < world:
             raise ConfigError(
                 f"run.global_batch={run.cfg.run.global_batch} gives {per_step} examples per "
-                f"step, fewer than the {world} processes of {args.slurm.nodes} node(s)"
+                f"step, fewer than the {world} processes of {slurm.nodes} node(s)"
             )
-    return base.run.run_dir, runs
 
 
 def submit(args: LaunchArgs) -> list:
     """Check, print the plan, submit (unless dry_run); returns the submitit jobs."""
-    cfg = args.slurm
     base, runs = plan_runs(args)
+    return submit_runs(args.slurm, base, runs)
+
+
+def submit_runs(cfg: SlurmConfig, base: str, runs: list[Run]) -> list:
+    """Submit checked runs (one job, or one array for several); `base` holds the array's
+    submitit folder. Runs need not share a config: evaluate.frontier submits every algorithm's
+    grid as one array."""
     check_cluster(cfg)
     accelerate_config = check_accelerate_config(cfg)
     sweep = len(runs) > 1 or bool(runs[0].name)
