@@ -36,9 +36,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from common.config import ConfigError, doc
+from common.config import ConfigError, choice, doc
 
 FORMATS = ("auto", "grouped", "pairs", "pointwise", "canonical")
+TOO_LONG = ("error", "drop")
 CANONICAL_COLUMNS = (
     "prompt_id",
     "prompt",
@@ -68,17 +69,13 @@ class DataError(ValueError):
 class DataConfig:
     path: str = doc("", "JSON/JSONL/Parquet file or folder, or a hub dataset name")
     split: str = doc("train", "split to read (files load as a single 'train' split)")
-    format: str = doc("auto", "auto | grouped | pairs | pointwise | canonical")
+    format: str = choice("auto", FORMATS, "input format (auto: told by the columns)")
     max_length: int = doc(1024, "max prompt+completion tokens per sequence")
-    too_long: str = doc("error", "what to do with longer sequences: error | drop (and report)")
+    too_long: str = choice("error", TOO_LONG, "longer sequences: stop, or drop the row and report")
     min_ref_rewards: int = doc(0, "fewest reference rewards a prompt may have")
     max_rows: int = doc(0, "read at most this many rows (0: all), for quick runs")
 
     def __post_init__(self):
-        if self.format not in FORMATS:
-            raise ConfigError(f"data.format must be one of {FORMATS}, got '{self.format}'")
-        if self.too_long not in ("error", "drop"):
-            raise ConfigError(f"data.too_long must be 'error' or 'drop', got '{self.too_long}'")
         if self.max_length < 2:
             raise ConfigError("data.max_length must be >= 2")
 

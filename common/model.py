@@ -8,25 +8,31 @@ from pathlib import Path
 
 import torch
 
-from common.config import ConfigError, doc
+from common.config import choice, doc
 from common.tiny import TINY_NAME, ensure_tiny
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+ATTN_IMPLEMENTATIONS = (
+    "auto",
+    "flash_attention_2",
+    "torch_varlen",
+    "per_sequence",
+    "sdpa",
+    "eager",
+)
 
 
 @dataclass
 class ModelConfig:
     name_or_path: str = doc(TINY_NAME, "model directory, hub name, or 'tiny' (built offline)")
     tokenizer: str = doc("", "tokenizer path or name (default: same as the model)")
-    dtype: str = doc("float32", "weights dtype: float32 | bfloat16 | float16")
-    attn_implementation: str = doc(
-        "auto", "auto (flash_attention_2 when installed on CUDA, else sdpa) | sdpa | eager | ..."
+    dtype: str = choice("float32", tuple(DTYPES), "weights dtype")
+    attn_implementation: str = choice(
+        "auto",
+        ATTN_IMPLEMENTATIONS,
+        "attention path (auto: flash_attention_2 when installed on CUDA, else sdpa)",
     )
     liger: bool = doc(True, "apply liger-kernel RMSNorm/RoPE/SwiGLU patches when installed (CUDA)")
-
-    def __post_init__(self):
-        if self.dtype not in DTYPES:
-            raise ConfigError(f"model.dtype must be one of {list(DTYPES)}, got '{self.dtype}'")
 
 
 def resolve(name_or_path: str) -> str:
