@@ -115,6 +115,7 @@ class Run:
 def plan_runs(args: LaunchArgs) -> tuple[str, list[Run]]:
     """The base run directory and every run of the grid (one without a sweep), each checked."""
     from train.config import PAIR_ALGORITHMS, TrainConfig
+    from train.resume import check_fresh
 
     base = task_config(TrainConfig, args.config, args.overrides)
     points = grid_points(args.grid) or [("", [])]
@@ -140,6 +141,11 @@ def plan_runs(args: LaunchArgs) -> tuple[str, list[Run]]:
     sig = preempt_signal().name
     world = args.slurm.nodes * args.slurm.per_node
     for run in runs:
+        if run.cfg.run.resume == "never":
+            # Checked here, before RUN_DIR/slurm/ is written; the job itself resumes (auto), so
+            # that a requeued job continues from its own checkpoints.
+            check_fresh(run.cfg.run.run_dir)
+            run.cfg.run.resume = "auto"
         if sig not in run.cfg.run.preempt_signals:
             raise ConfigError(
                 f"run.preempt_signals={run.cfg.run.preempt_signals} lacks {sig}, the signal "
