@@ -200,8 +200,11 @@ def to_canonical(row: dict, index: int, fmt: str, source: str, require_rewards: 
             refs_field = "responses"
     elif fmt == "pairs":
         completions = []
-        for name, score in (("chosen", "score_chosen"), ("rejected", "score_rejected")):
-            text = r.text(r.get(name), name)
+        # Both texts (and their messages) first: a broken message is the problem to report,
+        # before a missing score.
+        texts = [r.text(r.get(name), name) for name in ("chosen", "rejected")]
+        for name, text in zip(("chosen", "rejected"), texts):
+            score = f"score_{name}"
             reward = r.number(row.get(score), score, require_rewards)
             completions.append(
                 {
