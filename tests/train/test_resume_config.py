@@ -219,3 +219,20 @@ def test_the_cli_stops_with_one_message_and_no_traceback(tmp_path, data, capsys,
     last = err.rstrip().split("\n")[-1]  # (datasets may draw a progress bar before it)
     assert last.startswith("error: run.resume=never:") and "Traceback" not in err
     assert sorted(p.name for p in run.iterdir()) == ["notes.txt"]
+
+
+def test_the_slurm_launcher_checks_never_before_it_submits(tmp_path, data, capsys):
+    from slurm.train import main
+
+    run = tmp_path / "run"
+    args = [f"data.path={data}", "loss.algorithm=sft", "run.global_batch=2", f"run.run_dir={run}"]
+    args += ["run.resume=never", "cluster=local", "gpus_per_node=0", "--dry-run"]
+    main(args)  # an empty (absent) run directory: planned, and the job itself resumes its own
+    assert "resume: auto" in capsys.readouterr().out  # checkpoints when it is requeued
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("")
+    with pytest.raises(SystemExit) as info:
+        main(args)
+    assert info.value.code == 2
+    assert "run.resume=never: run directory" in capsys.readouterr().err
+    assert sorted(p.name for p in run.iterdir()) == ["metrics.jsonl"]
