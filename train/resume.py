@@ -243,19 +243,16 @@ def record_start(cfg: TrainConfig, plan: ResumePlan) -> None:
 
     run_dir = Path(cfg.run.run_dir)
     save_config(cfg, run_dir)
+
+    def old_new(keys) -> dict:
+        return {k: {"old": plan.changes[k][0], "new": plan.changes[k][1]} for k in keys}
+
     entry = {
-        "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "time": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
         "resume": plan.mode,
-        "step": plan.step,
-        "action": "fresh" if plan.checkpoint is None else "resumed",
-        "forced": {
-            k: [plan.changes[k][0], plan.changes[k][1]]
-            for k in plan.trajectory
-            if k in plan.changes
-        },
-        "changed": {
-            k: [old, new] for k, (old, new) in plan.changes.items() if k not in plan.trajectory
-        },
+        "action": "fresh" if plan.checkpoint is None else f"resumed at step {plan.step}",
+        "forced": old_new(k for k in plan.trajectory if k in plan.changes),
+        "changed": old_new(k for k in plan.changes if k not in plan.trajectory),
     }
     path = run_dir / HISTORY
     history = OmegaConf.to_container(OmegaConf.load(path)) if path.is_file() else []

@@ -228,6 +228,7 @@ def train(cfg: TrainConfig) -> dict:
             f"run.global_batch gives {per_step} examples per step, fewer than the {world} processes"
         )
     run_dir = Path(cfg.run.run_dir)
+    accelerator.wait_for_everyone()  # every process has planned from the old config.yaml
     if accelerator.is_main_process:
         record_start(cfg, plan)  # config.yaml, and this start in config_history.yaml
     log(to_yaml(cfg))

@@ -112,7 +112,8 @@ def test_changed_lr_stops_and_force_applies_it_from_the_next_step(tmp_path, data
         assert r["lr"] == pytest.approx(1e-3 * _cosine(r["step"], 4), abs=1e-12), r
     assert records[2]["lr"] == pytest.approx(1.4645e-4, rel=1e-4)  # old base: 4.39e-05
     history = (run / HISTORY).read_text()
-    assert "resume: force" in history and "optim.lr:" in history and "- 0.001" in history
+    assert "resume: force\n  action: resumed at step 2\n  forced:\n" in history
+    assert "    optim.lr:\n      old: 0.0003\n      new: 0.001\n" in history
     saved = build_config(TrainConfig, run / "config.yaml")
     assert (saved.optim.lr, saved.run.max_steps) == (1e-3, 4)
 
@@ -162,7 +163,7 @@ def test_allowed_changes_resume_bitwise(tmp_path, data):
     )
     assert [r["loss"] for r in _records(run)] == [r["loss"] for r in _records(full)]
     history = (run / HISTORY).read_text()
-    assert "action: resumed" in history and "run.save_every:" in history
+    assert "action: resumed at step 1\n  forced: {}\n  changed:\n    run.max_steps:" in history
 
 
 def test_schedule_length_changes_are_judged_by_the_steps_done(tmp_path, data):
