@@ -122,6 +122,11 @@ def test_choice_errors_list_values_and_suggest_the_nearest(tmp_path):
     with pytest.raises(ConfigError, match="2 keys have values not allowed") as info:
         build_config(_Tree, tmp_path / "c.yaml", ["loss.transform=LOG"])
     assert "did you mean 'log'?" in str(info.value)
+    from common.config import config_help
+
+    assert "  loss.transform: str = 'identity'  # f(q) {identity | log | sqrt}" in config_help(
+        _Tree
+    )
     tree = _Tree()
     tree.loss.transform = "cube"
     with pytest.raises(ConfigError, match="'loss.transform'"):

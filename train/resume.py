@@ -97,7 +97,8 @@ def flat(cfg: TrainConfig) -> dict[str, Any]:
 
 
 def lr_multipliers(cfg: TrainConfig, total: int, steps: int) -> list[float] | None:
-    """The schedule's learning-rate factor for steps 0..steps-1 (None: not a LambdaLR)."""
+    """The schedule's learning-rate factor for steps 0..steps-1, built as train.train builds it
+    (None: not a LambdaLR)."""
     import torch
     from torch.optim.lr_scheduler import LambdaLR
     from transformers import get_scheduler
@@ -114,7 +115,7 @@ def lr_multipliers(cfg: TrainConfig, total: int, steps: int) -> list[float] | No
     return [scheduler.lr_lambdas[0](s) for s in range(steps)]
 
 
-def _empty_enough(run_dir: Path) -> list[str]:
+def _leftovers(run_dir: Path) -> list[str]:
     """What a fresh start would mix with: every entry but the launcher's folder."""
     if not run_dir.is_dir():
         return []
@@ -123,7 +124,7 @@ def _empty_enough(run_dir: Path) -> list[str]:
 
 def check_fresh(run_dir: str | Path) -> None:
     """run.resume=never: refuse a run directory that holds anything of an earlier run."""
-    left = _empty_enough(Path(run_dir))
+    left = _leftovers(Path(run_dir))
     if left:
         shown = ", ".join(left[:6]) + (", ..." if len(left) > 6 else "")
         raise ConfigError(
