@@ -20,16 +20,11 @@ from common.constants import IGNORE_INDEX
 from common.data import DataConfig, DataError
 
 COMMON_ROLES = ("system", "user", "assistant", "tool")
-_PROBE = "q7x3v9"  # a content no template writes by itself
-# A role is tried after each of these openings: templates differ in what may come first.
-_OPENINGS = (
-    [],
-    [{"role": "user", "content": "a"}],
-    [
-        {"role": "user", "content": "a"},
-        {"role": "assistant", "content": "b"},
-    ],
-)
+_PROBE = {"content": "q7x3v9"}  # a content no template writes by itself
+_USER, _ASSISTANT = {"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}
+# Templates differ in where a role may stand (a system message only first, roles alternating
+# after it): a role is accepted when it renders in one of these places.
+_PLACES = ((), (_USER,), (_USER, _ASSISTANT))
 
 
 def encode_prompt(tokenizer, prompt: str, messages: list[dict]) -> list[int]:
@@ -66,9 +61,11 @@ class TemplateRoles:
 
     def accepts(self, role: str) -> bool:
         if role not in self.known:
+            probe = {**_PROBE, "role": role}
             self.known[role] = any(
-                self._renders([*opening, {"role": role, "content": _PROBE}])
-                for opening in _OPENINGS
+                self._renders(conversation)
+                for before in _PLACES
+                for conversation in ([*before, probe], [*before, probe, _USER])
             )
         return self.known[role]
 
@@ -77,7 +74,7 @@ class TemplateRoles:
             text = self.tokenizer.apply_chat_template(messages, tokenize=False)
         except Exception:  # the template's raise_exception, or an error of its own
             return False
-        return _PROBE in text
+        return _PROBE["content"] in text
 
     def problem(self, role: str) -> str:
         ok = [r for r in COMMON_ROLES if self.accepts(r)]

@@ -284,3 +284,41 @@ def test_message_roles_must_be_ones_the_chat_template_accepts(tmp_path, row, fie
     )
     if field.startswith("prompt"):
         assert str(err).endswith("did you mean 'user'?")
+
+
+SYSTEM_FIRST_TEMPLATE = (  # as Llama-2's: system only first, then user/assistant, nothing else
+    "{% if messages[0]['role'] == 'system' %}{% set sys = messages[0]['content'] %}"
+    "{% set msgs = messages[1:] %}{% else %}{% set sys = '' %}{% set msgs = messages %}{% endif %}"
+    "{% for m in msgs %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('roles must alternate user/assistant') }}{% endif %}"
+    "{% if loop.first and sys %}<<SYS>>{{ sys }}<</SYS>>{% endif %}"
+    "{% if m['role'] == 'user' %}[INST] {{ m['content'] }} [/INST]"
+    "{% elif m['role'] == 'assistant' %}{{ m['content'] }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def test_a_conversation_the_template_refuses_is_named(tmp_path):
+    from transformers import AutoTokenizer
+
+    from common.model import resolve
+    from common.tokenize import TemplateRoles
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve("tiny"))
+    tokenizer.chat_template = SYSTEM_FIRST_TEMPLATE
+    roles = TemplateRoles(tokenizer)
+    assert [roles.accepts(r) for r in ("system", "user", "assistant", "tool")] == [1, 1, 1, 0]
+    system = {"role": "system", "content": "be brief"}
+    user = {"role": "user", "content": "sort 2 1"}
+    path = _write(
+        tmp_path / "d.jsonl",
+        [
+            {"prompt": [system, user], "completion": "1 2"},
+            {"prompt": [user, {**user, "content": "sort 3 1"}], "completion": "1 3"},
+        ],
+    )
+    cfg = DataConfig(path=path)
+    with pytest.raises(DataError) as info:
+        tokenize_rows(load_canonical(cfg), tokenizer, cfg, path)
+    assert (info.value.row, info.value.field) == (1, "prompt")
+    assert "chat template refuses it: roles must alternate user/assistant" in str(info.value)
