@@ -221,21 +221,21 @@ def _show(value: Any) -> str:
 
 
 def describe(plan: ResumePlan) -> str:
-    """One log line about this start."""
+    """What changed since the saved config, for the log ('' when nothing did)."""
     if plan.checkpoint is None:
-        return "starting fresh" + (" (run.resume=never)" if plan.mode == "never" else "")
-    text = f"resuming from {plan.checkpoint} at step {plan.step}"
-    kept = [k for k in plan.changes if k not in plan.trajectory]
+        return "run.resume=never: starting fresh" if plan.mode == "never" else ""
+    parts = []
     if plan.trajectory:
         changed = ", ".join(
             f"{k} {_show(plan.changes[k][0])} -> {_show(plan.changes[k][1])}"
             for k in plan.trajectory
             if k in plan.changes
         )
-        text += f"; run.resume=force: new values from step {plan.step + 1} on: {changed}"
+        parts.append(f"run.resume=force: new values from step {plan.step + 1} on: {changed}")
+    kept = [k for k in plan.changes if k not in plan.trajectory]
     if kept:
-        text += "; changed keys that keep the trajectory: " + ", ".join(kept)
-    return text
+        parts.append("changed keys that keep the trajectory: " + ", ".join(kept))
+    return "; ".join(parts)
 
 
 def record_start(cfg: TrainConfig, plan: ResumePlan) -> None:

@@ -289,11 +289,13 @@ def train(cfg: TrainConfig) -> dict:
 
     # ---- resume (train/resume.py: run.resume and a changed config)
     step, metrics_log = 0, run_dir / "metrics.jsonl"
-    log(describe(plan))
     if plan.checkpoint is not None:
         step = load_checkpoint(accelerator, plan.checkpoint)["step"]
-        if plan.applies_new_values:
-            apply_new_values(cfg, optimizer, scheduler, log)
+        log(f"resumed from {plan.checkpoint} at step {step}")
+    if describe(plan):
+        log(describe(plan))
+    if plan.applies_new_values:
+        apply_new_values(cfg, optimizer, scheduler, log)
     if accelerator.is_main_process:
         _truncate_log(metrics_log, step)
 
