@@ -8,17 +8,26 @@ A script declares its configuration as a tree of dataclasses whose fields carry 
     python -m train --config configs/train/qrpo_tiny.yaml optim.lr=3e-4 loss.beta=0.01
 
 OmegaConf's structured configs do the merging and type checking, so an unknown or mistyped key
-(in the YAML or on the command line) is an error that names the key; `__post_init__` of each
-dataclass adds the checks that types alone cannot express. `--help` lists every dotted key with
-its type, default and doc.
+(in the YAML or on the command line) is an error that names the key. A field with a fixed set of
+values is declared with `choice(default, VALUES, "...")`; every such field of the tree is checked
+when the config is built, before any `__post_init__` runs, and a wrong value is an error that
+names the dotted key, lists the allowed values and suggests the nearest one:
+
+    command line: config key 'loss.transform': 'sqrtt' is not one of identity, log, ...;
+    did you mean 'sqrt'?
+
+`__post_init__` of each dataclass adds the checks that types alone cannot express. `--help`
+lists every dotted key with its type, default, doc and allowed values.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import sys
 import typing
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -41,6 +50,79 @@ def doc(default: Any, text: str) -> Any:
     if dataclasses.is_dataclass(default):
         return dataclasses.field(default_factory=lambda: default, metadata={"doc": text})
     return dataclasses.field(default=default, metadata={"doc": text})
+
+
+def choice(default: Any, values: Sequence | Callable[[], Sequence], text: str) -> Any:
+    """A field whose value must be one of `values` (a tuple, or a function returning one when the
+    list is costly to import). Checked by `build_config`; `--help` shows the values. A list-typed
+    field is checked element by element. Any dataclass field with `metadata["choices"]` takes
+    part, so a module that cannot import this one can declare choices by hand."""
+    field = doc(default, text)
+    return dataclasses.field(
+        default=field.default,
+        default_factory=field.default_factory,
+        metadata={**field.metadata, "choices": values},
+    )
+
+
+def allowed_values(field: dataclasses.Field) -> tuple | None:
+    """The declared choices of a field, or None."""
+    values = field.metadata.get("choices")
+    if values is None:
+        return None
+    return tuple(values() if callable(values) else values)
+
+
+def choice_error(key: str, value: Any, values: Sequence) -> str | None:
+    """None if `value` is one of `values`, else what is wrong, naming `key`, with the nearest
+    allowed value when one is close."""
+    if value in values:
+        return None
+    text = [str(v) for v in values]
+    lowered = {t.lower(): t for t in text}
+    near = difflib.get_close_matches(str(value).lower(), list(lowered), n=1, cutoff=0.6)
+    if not near:  # a shortening of exactly one value: flash -> flash_attention_2
+        near = [t for t in lowered if str(value).lower() in t][:2]
+        near = near if len(near) == 1 else []
+    hint = f"; did you mean '{lowered[near[0]]}'?" if near else ""
+    return f"config key '{key}': {value!r} is not one of {', '.join(text)}{hint}"
+
+
+def _walk_choices(cls: type, node: Any, prefix: str, where: Callable[[str], str]) -> list[str]:
+    """Every wrong choice in the tree under `node` (a DictConfig or a dataclass instance)."""
+    problems = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}{f.name}"
+        value = getattr(node, f.name)
+        if dataclasses.is_dataclass(hints[f.name]):
+            problems += _walk_choices(hints[f.name], value, f"{key}.", where)
+            continue
+        values = allowed_values(f)
+        if values is None or value is None:
+            continue
+        many = isinstance(value, (list, tuple)) or OmegaConf.is_list(value)
+        items = [(f"{key}[{k}]", v) for k, v in enumerate(value)] if many else [(key, value)]
+        for item_key, item in items:
+            problem = choice_error(item_key, item, values)
+            if problem:
+                problems.append(f"{where(key)}: {problem}" if where(key) else problem)
+    return problems
+
+
+def _raise_choices(problems: list[str]) -> None:
+    if len(problems) == 1:
+        raise ConfigError(problems[0])
+    if problems:
+        raise ConfigError(
+            "\n  ".join([f"{len(problems)} keys have values not allowed:", *problems])
+        )
+
+
+def check_choices(cfg: Any) -> None:
+    """Check every `choice` field of a config tree built in Python (build_config does this
+    itself, on the merged YAML and command line, before the dataclasses are made)."""
+    _raise_choices(_walk_choices(type(cfg), cfg, "", lambda key: ""))
 
 
 def sub(cls: type, text: str = "") -> Any:
@@ -72,7 +154,11 @@ def config_help(cls: type, prefix: str = "") -> list[str]:
             default = repr(f.default_factory())
         else:
             default = "(required)"
-        lines.append(f"  {key}: {_type_name(tp)} = {default}  # {f.metadata.get('doc', '')}")
+        text = f.metadata.get("doc", "")
+        values = allowed_values(f)
+        if values is not None:
+            text += f" {{{' | '.join(str(v) for v in values)}}}"
+        lines.append(f"  {key}: {_type_name(tp)} = {default}  # {text}")
     return lines
 
 
@@ -88,24 +174,39 @@ def _friendly(err: OmegaConfBaseException, source: str) -> ConfigError:
 def build_config(
     cls: type[T], config_file: str | Path | None = None, overrides: list[str] | None = None
 ) -> T:
-    """Defaults, then the YAML file, then `key.sub=value` overrides; returns a checked `cls`."""
+    """Defaults, then the YAML file, then `key.sub=value` overrides; returns a checked `cls`.
+
+    Choices are checked on the merged tree, before any `__post_init__` sees a value."""
     merged = OmegaConf.structured(cls)
+    from_file = OmegaConf.create()
     if config_file is not None:
         path = Path(config_file)
         if not path.is_file():
             raise ConfigError(f"--config: file not found: {path}")
         try:
-            merged = OmegaConf.merge(merged, OmegaConf.load(path))
+            from_file = OmegaConf.load(path)
+            merged = OmegaConf.merge(merged, from_file)
         except OmegaConfBaseException as err:
             raise _friendly(err, str(path)) from None
+    from_cli = set()
     for item in overrides or []:
         item = item[2:] if item.startswith("--") else item
         if "=" not in item:
             raise ConfigError(f"override '{item}' must look like key.subkey=value")
+        from_cli.add(item.split("=", 1)[0])
         try:
             merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
         except OmegaConfBaseException as err:
             raise _friendly(err, "command line") from None
+
+    def where(key: str) -> str:
+        if key in from_cli:
+            return "command line"
+        if OmegaConf.select(from_file, key) is not None:
+            return str(config_file)
+        return ""
+
+    _raise_choices(_walk_choices(cls, merged, "", where))
     try:
         return OmegaConf.to_object(merged)  # type: ignore[return-value]
     except OmegaConfBaseException as err:

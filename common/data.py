@@ -8,11 +8,12 @@ Three input formats are recognised from their columns (local JSON/JSONL/Parquet 
   column the responses are taken to be the reference samples: their rewards become the prompt's
   reference rewards and each response knows its own index among them (`ref_index`).
 - pairs (TRL): `{"prompt", "chosen", "rejected"}`, optional `score_chosen`/`score_rejected`;
-  strings or chat-message lists (the completion is the last assistant message).
+  strings or chat-message lists (the completion is the last message, the assistant's).
 - pointwise: `{"prompt", "completion", "reward"}`, optional `ref_rewards` (K floats),
   `ref_logp`, `ref_index`.
 
-Every format becomes the canonical schema, one row per prompt occurrence:
+Every format becomes the canonical schema, one row per prompt occurrence (a file in this schema
+is read as `canonical` and checked the same way):
 
     prompt_id    str                  stable id (given, or a hash of the prompt)
     prompt       str                  plain-text prompt ("" when the prompt is chat messages)
@@ -23,62 +24,55 @@ Every format becomes the canonical schema, one row per prompt occurrence:
     chosen       int                  index into completions of the preferred one, -1 if no pair
     rejected     int                  index of the dispreferred one, -1 if no pair
     source_row   int                  row index in the source file (0-based), for messages
+    origin       dict                 file and input field names, for messages (common.rows)
 
-Rows are checked one by one; the first problem raises `DataError` naming file, row and field.
+What is checked, before any model is loaded (the first problem raises `DataError` naming the
+file, the row and the field as the input file spells it):
+- every file of a folder on its own (a column whose type differs between files is found in the
+  row that has it); a row that is not an object, or not valid JSON;
+- prompts: text or a message list, not empty; every message of every message list (prompt,
+  chosen, rejected, completion, responses[j].text, messages) an object with a non-empty string
+  `role` and a string `content`; a completion's list ends with the assistant's message;
+- rewards, scores, reference rewards and `ref_logp`: finite numbers (missing rewards only where
+  the algorithm needs none); `ref_index` -1 or an index into the row's reference rewards;
+- across rows and files: the fewest reference rewards, pairs where the algorithm needs them, a
+  completion id given twice, a prompt id given to two different prompts.
+common.tokenize then checks what needs the tokenizer: every message role is one the chat
+template accepts, and each sequence fits data.max_length.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from common.config import ConfigError, doc
-
-FORMATS = ("auto", "grouped", "pairs", "pointwise", "canonical")
-CANONICAL_COLUMNS = (
-    "prompt_id",
-    "prompt",
-    "messages",
-    "completions",
-    "ref_rewards",
-    "chosen",
-    "rejected",
-    "source_row",
+from common.config import ConfigError, choice, doc
+from common.rows import (  # noqa: F401  (re-exported: the schema's names live here)
+    CANONICAL_COLUMNS,
+    DataError,
+    RowReader,
+    content_hash,
+    from_canonical,
+    to_canonical,
 )
 
-
-class DataError(ValueError):
-    """A data problem, located: file, row (0-based) and field."""
-
-    def __init__(self, source: str, row: int | None, field: str | None, problem: str):
-        self.source, self.row, self.field, self.problem = source, row, field, problem
-        where = source
-        if row is not None:
-            where += f", row {row}"
-        if field is not None:
-            where += f", field '{field}'"
-        super().__init__(f"{where}: {problem}")
+FORMATS = ("auto", "grouped", "pairs", "pointwise", "canonical")
+TOO_LONG = ("error", "drop")
+SUFFIXES = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
 
 @dataclass
 class DataConfig:
     path: str = doc("", "JSON/JSONL/Parquet file or folder, or a hub dataset name")
     split: str = doc("train", "split to read (files load as a single 'train' split)")
-    format: str = doc("auto", "auto | grouped | pairs | pointwise | canonical")
+    format: str = choice("auto", FORMATS, "input format (auto: told by the columns)")
     max_length: int = doc(1024, "max prompt+completion tokens per sequence")
-    too_long: str = doc("error", "what to do with longer sequences: error | drop (and report)")
+    too_long: str = choice("error", TOO_LONG, "longer sequences: stop, or drop the row and report")
     min_ref_rewards: int = doc(0, "fewest reference rewards a prompt may have")
     max_rows: int = doc(0, "read at most this many rows (0: all), for quick runs")
 
     def __post_init__(self):
-        if self.format not in FORMATS:
-            raise ConfigError(f"data.format must be one of {FORMATS}, got '{self.format}'")
-        if self.too_long not in ("error", "drop"):
-            raise ConfigError(f"data.too_long must be 'error' or 'drop', got '{self.too_long}'")
         if self.max_length < 2:
             raise ConfigError("data.max_length must be >= 2")
 
@@ -86,15 +80,15 @@ class DataConfig:
 # --------------------------------------------------------------------------- reading
 
 
-def _builder(path: Path) -> str:
-    suffixes = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
-    files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.suffix in suffixes)
+def _data_files(path: Path) -> tuple[list[Path], str]:
+    """The files of a file or folder path, and their `datasets` builder (json or parquet)."""
+    files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.suffix in SUFFIXES)
     if not files:
         raise DataError(str(path), None, None, "no .json, .jsonl or .parquet files found")
-    kinds = {suffixes.get(f.suffix) for f in files}
+    kinds = {SUFFIXES.get(f.suffix) for f in files}
     if None in kinds or len(kinds) > 1:
         raise DataError(str(path), None, None, "expected .json/.jsonl or .parquet files, one kind")
-    return kinds.pop()
+    return files, kinds.pop()
 
 
 def _read_json_rows(path: Path) -> list[dict]:
@@ -119,39 +113,47 @@ def _read_json_rows(path: Path) -> list[dict]:
     return rows
 
 
-def read_rows(path: str, split: str = "train") -> tuple[list[dict], str]:
-    """Rows as Python dicts, through `datasets`; returns (rows, source name for messages)."""
+def _read_file(path: Path, builder: str) -> list:
     import datasets
 
-    local = Path(path)
-    if not path:
-        raise ConfigError("data.path is empty: give a JSON/JSONL/Parquet file or a dataset name")
-    if not local.exists():
-        try:
-            ds = datasets.load_dataset(path, split=split)
-        except Exception as err:  # hub unreachable, unknown name, ...
-            raise DataError(path, None, None, f"not a local file and not loadable: {err}") from None
-        return list(ds), path
-    builder = _builder(local)
-    files = (
-        [str(local)]
-        if local.is_file()
-        else [
-            str(p) for p in sorted(local.iterdir()) if p.suffix in (".json", ".jsonl", ".parquet")
-        ]
-    )
     try:
-        ds = datasets.load_dataset(builder, data_files=files, split="train")
-        return list(ds), str(local)
+        return list(datasets.load_dataset(builder, data_files=[str(path)], split="train"))
     except Exception as err:
         # Arrow rejects rows whose types change (a reward given as a string, ...). Re-read in
-        # Python so validation can name the row and field; if it finds nothing, re-raise.
-        if builder != "json" or len(files) != 1:
-            raise DataError(str(local), None, None, f"could not be loaded: {err}") from None
-        return _read_json_rows(local), str(local)
+        # Python so validation can name the row and field.
+        if builder != "json":
+            raise DataError(str(path), None, None, f"could not be loaded: {err}") from None
+        return _read_json_rows(path)
 
 
-# --------------------------------------------------------------------------- conversion
+def read_located_rows(path: str, split: str = "train") -> tuple[list, list[tuple[str, int]], str]:
+    """Rows as Python dicts, through `datasets`, each with its (file, row in that file); and the
+    name of the whole source. The files of a folder are read one by one, so that a column typed
+    differently in one of them is found row by row instead of failing the whole folder."""
+    import datasets
+
+    if not path:
+        raise ConfigError("data.path is empty: give a JSON/JSONL/Parquet file or a dataset name")
+    local = Path(path)
+    if not local.exists():
+        try:
+            rows = list(datasets.load_dataset(path, split=split))
+        except Exception as err:  # hub unreachable, unknown name, ...
+            raise DataError(path, None, None, f"not a local file and not loadable: {err}") from None
+        return rows, [(path, i) for i in range(len(rows))], path
+    files, builder = _data_files(local)
+    rows, origins = [], []
+    for f in files:
+        got = _read_file(f, builder)
+        rows.extend(got)
+        origins.extend((str(f), i) for i in range(len(got)))
+    return rows, origins, str(local)
+
+
+def read_rows(path: str, split: str = "train") -> tuple[list, str]:
+    """Rows as Python dicts, through `datasets`; returns (rows, source name for messages)."""
+    rows, _, source = read_located_rows(path, split)
+    return rows, source
 
 
 def detect_format(columns: set[str], source: str) -> str:
@@ -172,168 +174,14 @@ def detect_format(columns: set[str], source: str) -> str:
     )
 
 
-def content_hash(obj: Any) -> str:
-    return hashlib.sha1(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
-
-
-class RowReader:
-    """Field access for one source row that reports problems with their location."""
-
-    def __init__(self, row: Any, index: int, source: str):
-        if not isinstance(row, dict):
-            raise DataError(source, index, None, f"expected an object, got {type(row).__name__}")
-        self.row, self.index, self.source = row, index, source
-
-    def error(self, field: str, problem: str) -> DataError:
-        return DataError(self.source, self.index, field, problem)
-
-    def get(self, field: str, required: bool = True) -> Any:
-        value = self.row.get(field)
-        if value is None and required:
-            raise self.error(field, "missing")
-        return value
-
-    def number(self, value: Any, field: str, required: bool) -> float | None:
-        if value is None:
-            if required:
-                raise self.error(field, "missing reward")
-            return None
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise self.error(field, f"not a number: {value!r}")
-        if not math.isfinite(value):
-            raise self.error(field, f"not finite: {value}")
-        return float(value)
-
-    def numbers(self, field: str) -> list[float]:
-        values = self.row.get(field)
-        if values is None:
-            return []
-        if not isinstance(values, (list, tuple)):
-            raise self.error(field, f"expected a list of numbers, got {type(values).__name__}")
-        return [self.number(v, f"{field}[{k}]", True) for k, v in enumerate(values)]
-
-    def text(self, value: Any, field: str) -> str:
-        """A completion: a string, or a message list whose last message is the answer."""
-        if isinstance(value, list):
-            if not value or not isinstance(value[-1], dict) or "content" not in value[-1]:
-                raise self.error(field, "message list must end with a {'role', 'content'} message")
-            value = value[-1]["content"]
-        if not isinstance(value, str):
-            raise self.error(field, f"expected text, got {type(value).__name__}")
-        if not value.strip():
-            raise self.error(field, "empty completion")
-        return value
-
-    def prompt(self) -> tuple[str, list[dict]]:
-        value = self.get("prompt")
-        if isinstance(value, str):
-            if not value.strip():
-                raise self.error("prompt", "empty prompt")
-            return value, []
-        if isinstance(value, list) and value:
-            for k, m in enumerate(value):
-                if not (
-                    isinstance(m, dict)
-                    and isinstance(m.get("role"), str)
-                    and isinstance(m.get("content"), str)
-                ):
-                    raise self.error(f"prompt[{k}]", "expected {'role': str, 'content': str}")
-            if not any(m["content"].strip() for m in value):
-                raise self.error("prompt", "empty prompt")
-            return "", [{"role": m["role"], "content": m["content"]} for m in value]
-        raise self.error("prompt", f"expected text or a non-empty message list, got {value!r:.60}")
-
-
-def to_canonical(row: dict, index: int, fmt: str, source: str, require_rewards: bool) -> dict:
-    """One source row in `fmt` -> one canonical row; raises DataError naming the field."""
-    r = RowReader(row, index, source)
-    prompt, messages = r.prompt()
-    prompt_id = str(row.get("prompt_id") or content_hash(messages or prompt))
-    ref_rewards = r.numbers("ref_rewards")
-    chosen = rejected = -1
-    if fmt == "grouped":
-        responses = r.get("responses")
-        if not isinstance(responses, list) or not responses:
-            raise r.error("responses", "expected a non-empty list of {'text', 'reward'}")
-        own_refs = "ref_rewards" not in row or row["ref_rewards"] is None
-        completions = []
-        for j, resp in enumerate(responses):
-            field = f"responses[{j}]"
-            if not isinstance(resp, dict):
-                raise r.error(field, "expected {'text': ..., 'reward': ...}")
-            text = r.text(resp.get("text"), f"{field}.text")
-            reward = resp.get("reward")
-            if reward is None and require_rewards:
-                raise r.error(f"{field}.reward", "missing reward")
-            completions.append(
-                {
-                    "completion_id": f"{prompt_id}:{j}",
-                    "text": text,
-                    "reward": r.number(reward, f"{field}.reward", require_rewards),
-                    "ref_logp": r.number(resp.get("ref_logp"), f"{field}.ref_logp", False),
-                    "ref_index": j if own_refs else -1,
-                }
-            )
-        if own_refs:
-            ref_rewards = [c["reward"] for c in completions if c["reward"] is not None]
-    elif fmt == "pairs":
-        completions = []
-        for name, score in (("chosen", "score_chosen"), ("rejected", "score_rejected")):
-            text = r.text(r.get(name), name)
-            reward = r.number(row.get(score), score, require_rewards)
-            completions.append(
-                {
-                    "completion_id": f"{prompt_id}:{content_hash(text)[:12]}",
-                    "text": text,
-                    "reward": reward,
-                    "ref_logp": r.number(row.get(f"ref_logp_{name}"), f"ref_logp_{name}", False),
-                    "ref_index": -1,
-                }
-            )
-        if completions[0]["text"] == completions[1]["text"]:
-            raise r.error("rejected", "identical to 'chosen'")
-        chosen, rejected = 0, 1
-    elif fmt == "pointwise":
-        text = r.text(r.get("completion"), "completion")
-        ref_index = row.get("ref_index")
-        if ref_index is not None and (
-            not isinstance(ref_index, int)
-            or ref_index < -1
-            or ref_index >= max(len(ref_rewards), 1)
-        ):
-            raise r.error(
-                "ref_index", f"must be -1 or an index into ref_rewards, got {ref_index!r}"
-            )
-        completions = [
-            {
-                "completion_id": str(
-                    row.get("completion_id") or f"{prompt_id}:{content_hash(text)[:12]}"
-                ),
-                "text": text,
-                "reward": r.number(row.get("reward"), "reward", require_rewards),
-                "ref_logp": r.number(row.get("ref_logp"), "ref_logp", False),
-                "ref_index": -1 if ref_index is None else ref_index,
-            }
-        ]
-    else:
-        raise DataError(source, index, None, f"unknown format '{fmt}'")
-    return {
-        "prompt_id": prompt_id,
-        "prompt": prompt,
-        "messages": messages,
-        "completions": completions,
-        "ref_rewards": ref_rewards,
-        "chosen": chosen,
-        "rejected": rejected,
-        "source_row": index,
-    }
+# --------------------------------------------------------------------------- checking
 
 
 def load_canonical(
     cfg: DataConfig, *, require_rewards: bool = False, require_pairs: bool = False
 ) -> list[dict]:
     """Read, convert and check a data set; every problem names the file, row and field."""
-    rows, source = read_rows(cfg.path, cfg.split)
+    rows, origins, source = read_located_rows(cfg.path, cfg.split)
     if cfg.max_rows:
         rows = rows[: cfg.max_rows]
     if not rows:
@@ -341,47 +189,56 @@ def load_canonical(
     fmt = cfg.format
     if fmt == "auto":
         fmt = detect_format(set(rows[0]) if isinstance(rows[0], dict) else set(), source)
-    out = []
-    for i, row in enumerate(rows):
-        if fmt == "canonical":
-            missing = [c for c in CANONICAL_COLUMNS if c not in row]
-            if missing:
-                raise DataError(source, i, missing[0], "missing")
-            out.append(dict(row))
-        else:
-            out.append(to_canonical(row, i, fmt, source, require_rewards))
-    check_rows(out, source, min_ref_rewards=cfg.min_ref_rewards, require_pairs=require_pairs)
+    out = [
+        to_canonical(row, index, fmt, file, require_rewards)
+        for row, (file, index) in zip(rows, origins)
+    ]
+    check_rows(out, min_ref_rewards=cfg.min_ref_rewards, require_pairs=require_pairs)
     return out
 
 
-def check_rows(
-    rows: list[dict], source: str, *, min_ref_rewards: int = 0, require_pairs: bool = False
-) -> None:
-    """Checks across rows: reference-reward counts, pairs, and duplicate completion ids."""
-    seen: dict[str, int] = {}
+def check_rows(rows: list[dict], *, min_ref_rewards: int = 0, require_pairs: bool = False) -> None:
+    """Checks across rows (and files): reference-reward counts, pairs, a completion id given
+    twice, a prompt id given to two different prompts."""
+    seen_ids: dict[str, dict] = {}
+    prompts: dict[str, tuple[object, dict]] = {}
     for row in rows:
-        i = row["source_row"]
+        origin = row["origin"]
+
+        def error(field: str, problem: str, origin=origin) -> DataError:
+            return DataError(origin["file"], origin["row"], field, problem)
+
         if len(row["ref_rewards"]) < min_ref_rewards:
-            raise DataError(
-                source,
-                i,
-                "ref_rewards",
+            raise error(
+                origin["ref_rewards"],
                 f"{len(row['ref_rewards'])} reference rewards, need at least {min_ref_rewards}",
             )
         if require_pairs and row["chosen"] < 0:
-            raise DataError(source, i, "chosen", "this algorithm needs chosen/rejected pairs")
-        for c in row["completions"]:
-            if c["ref_index"] >= len(row["ref_rewards"]):
-                raise DataError(source, i, "ref_index", "points past the reference rewards")
-            if c["completion_id"] in seen:
-                raise DataError(
-                    source,
-                    i,
-                    "completion_id",
-                    f"duplicate id '{c['completion_id']}' (first seen in row "
-                    f"{seen[c['completion_id']]}): the same prompt and completion twice",
+            raise error("chosen", "this algorithm needs chosen/rejected pairs")
+        prompt = row["messages"] or row["prompt"]
+        first = prompts.setdefault(row["prompt_id"], (prompt, origin))
+        if first[0] != prompt:
+            raise error(
+                "prompt_id",
+                f"id '{row['prompt_id']}' is also the id of a different prompt in "
+                f"{_where(first[1], origin)}",
+            )
+        for j, c in enumerate(row["completions"]):
+            before = seen_ids.get(c["completion_id"])
+            if before is not None:
+                raise error(
+                    origin["ids"][j],
+                    f"duplicate completion id '{c['completion_id']}' (first seen in "
+                    f"{_where(before, origin)}): the same prompt and completion twice",
                 )
-            seen[c["completion_id"]] = i
+            seen_ids[c["completion_id"]] = origin
+
+
+def _where(first: dict, now: dict) -> str:
+    """'row 3', or 'FILE, row 3' when it is another file."""
+    if first["file"] == now["file"]:
+        return f"row {first['row']}"
+    return f"{first['file']}, row {first['row']}"
 
 
 def write_jsonl(rows: list[dict], path: str | Path) -> Path:

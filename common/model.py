@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from common.attention import ATTN_IMPLEMENTATIONS, choose_attention, register_attention
-from common.config import ConfigError, doc
+from common.config import choice, doc
 from common.tiny import TINY_NAME, ensure_tiny
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -19,23 +19,15 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 class ModelConfig:
     name_or_path: str = doc(TINY_NAME, "model directory, hub name, or 'tiny' (built offline)")
     tokenizer: str = doc("", "tokenizer path or name (default: same as the model)")
-    dtype: str = doc("float32", "weights dtype: float32 | bfloat16 | float16")
-    attn_implementation: str = doc(
+    dtype: str = choice("float32", tuple(DTYPES), "weights dtype")
+    attn_implementation: str = choice(
         "auto",
-        "auto | flash_attention_2 | torch_varlen | per_sequence | sdpa | eager (auto: flash-attn "
-        "on CUDA when installed, else torch's varlen_attn on CUDA, else per_sequence; sdpa and "
-        "eager mask the whole packed row, quadratic in its length)",
+        ATTN_IMPLEMENTATIONS,
+        "attention over packed rows (auto: flash_attention_2 when installed on CUDA, else "
+        "torch_varlen on CUDA, else per_sequence; sdpa and eager mask the whole row, quadratic "
+        "in its length)",
     )
     liger: bool = doc(True, "apply liger-kernel RMSNorm/RoPE/SwiGLU patches when installed (CUDA)")
-
-    def __post_init__(self):
-        if self.dtype not in DTYPES:
-            raise ConfigError(f"model.dtype must be one of {list(DTYPES)}, got '{self.dtype}'")
-        if self.attn_implementation not in ATTN_IMPLEMENTATIONS:
-            raise ConfigError(
-                f"model.attn_implementation must be one of {ATTN_IMPLEMENTATIONS}, "
-                f"got '{self.attn_implementation}'"
-            )
 
 
 def resolve(name_or_path: str) -> str:

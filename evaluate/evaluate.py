@@ -35,12 +35,13 @@ from pathlib import Path
 
 import torch
 
-from common.config import ConfigError, doc, sub
-from common.model import ModelConfig, load_model, load_tokenizer
+from common.config import ConfigError, choice, doc, sub
+from common.model import DTYPES, ModelConfig, load_model, load_tokenizer
 from common.tiny import TINY_NAME
 from common.tokenize import encode_completion, encode_prompt
 from evaluate import metrics, plots
 from evaluate.rewards import RewardConfig, make_scorer
+from kernels.api import LOGPROB_BACKENDS
 
 LENGTH_UNITS = ("tokens", "words", "chars")
 
@@ -59,13 +60,11 @@ class EvalConfig:
     batch_size: int = doc(64, "samples generated at once")
     reward: RewardConfig = sub(RewardConfig, "how completions are scored")
     kl: bool = doc(True, "log-probs under each model and the reference: KL and length bias")
-    length_unit: str = doc(
-        "tokens", "length for the LC reward and the bias: tokens | words | chars"
-    )
+    length_unit: str = choice("tokens", LENGTH_UNITS, "length for the LC reward and the bias")
     pass_k: list = doc([1], "k of pass@k for reward.kind=code (k <= n)")
-    dtype: str = doc("float32", "model weights dtype: float32 | bfloat16 | float16")
+    dtype: str = choice("float32", tuple(DTYPES), "model weights dtype")
     device: str = doc("auto", "auto (cuda when available) | cpu | cuda | cuda:1 ...")
-    kernel_backend: str = doc("auto", "log-prob kernel: auto | triton | torch")
+    kernel_backend: str = choice("auto", LOGPROB_BACKENDS, "log-prob kernel")
     micro_batch_tokens: int = doc(8192, "tokens per packed log-prob batch")
     plots: bool = doc(True, "write the PNG plots")
     out: str = doc("", "results JSON (default: eval.json next to the last model's folder)")
@@ -77,8 +76,6 @@ class EvalConfig:
             raise ConfigError(f"names has {len(self.names)} entries for {len(self.models)} models")
         if self.n < 1:
             raise ConfigError("n must be at least 1")
-        if self.length_unit not in LENGTH_UNITS:
-            raise ConfigError(f"length_unit must be one of {LENGTH_UNITS}")
         if any(not 1 <= int(k) <= self.n for k in self.pass_k):
             raise ConfigError(f"pass_k={list(self.pass_k)}: each k must be in [1, n={self.n}]")
 

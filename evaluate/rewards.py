@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from common.config import ConfigError, doc, sub
+from common.config import ConfigError, choice, doc, sub
 from evaluate.sandbox import SandboxConfig
 
 KINDS = ("task", "model", "code")
@@ -24,15 +24,15 @@ KINDS = ("task", "model", "code")
 
 @dataclass
 class RewardConfig:
-    kind: str = doc("task", "task (embedded sorting task) | model (reward model) | code (sandbox)")
+    kind: str = choice(
+        "task", KINDS, "task (embedded sorting task), model (reward model), code (sandbox)"
+    )
     model: str = doc("", "kind=model: reward model folder (sequence classifier, one label)")
     batch_size: int = doc(16, "kind=model: sequences per forward")
     max_length: int = doc(2048, "kind=model: longest scored sequence in tokens (truncated beyond)")
     sandbox: SandboxConfig = sub(SandboxConfig, "kind=code: limits and isolation of the sandbox")
 
     def __post_init__(self):
-        if self.kind not in KINDS:
-            raise ConfigError(f"reward.kind must be one of {KINDS}, got '{self.kind}'")
         if self.kind == "model" and not self.model:
             raise ConfigError("reward.kind=model needs reward.model=PATH")
 

@@ -61,10 +61,16 @@ class SandboxError(RuntimeError):
     """The sandbox itself does not work on this machine (not a verdict on a candidate)."""
 
 
-def _doc(default, text: str):
+ISOLATIONS = ("auto", "namespaces", "basic")
+
+
+def _doc(default, text: str, choices: tuple | None = None):
+    # Standalone (this module does not import common): `choices` is the metadata that
+    # common.config.choice sets, so build_config checks the field all the same.
+    meta = {"doc": text} if choices is None else {"doc": text, "choices": choices}
     if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata={"doc": text})
-    return field(default=default, metadata={"doc": text})
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
 
 
 @dataclass
@@ -81,6 +87,7 @@ class SandboxConfig:
         "auto",
         "auto (namespaces where possible, else warn) | namespaces (else error) | basic "
         "(rlimits, session and timeout only)",
+        ISOLATIONS,
     )
     hide: list = _doc(["/root", "/home"], "directories covered by an empty tmpfs in the sandbox")
     strict_compare: bool = _doc(True, "asserts compare values as plain data (no __eq__ tricks)")
@@ -89,7 +96,7 @@ class SandboxConfig:
     python: str = _doc("", "interpreter that runs candidates (default: the current one)")
 
     def __post_init__(self):
-        if self.isolation not in ("auto", "namespaces", "basic"):
+        if self.isolation not in ISOLATIONS:
             raise ValueError(f"isolation must be auto | namespaces | basic, got {self.isolation!r}")
         for name in ("cpu_seconds", "wall_seconds", "memory_mb", "nproc", "fsize_mb", "nofile"):
             if getattr(self, name) <= 0:

@@ -17,12 +17,15 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.config import ConfigError, doc, sub
+from common.config import ConfigError, choice, doc, sub
 from common.data import DataConfig
-from common.model import ModelConfig
+from common.model import DTYPES, ModelConfig
+from kernels.api import LOGPROB_BACKENDS
 
 STEPS = ("sample", "reward", "build", "ref_logps", "merge")
 REGIMES = ("pointwise", "best_worst", "random_pairs", "offline")
+SAMPLE_BACKENDS = ("auto", "transformers", "vllm")
+MIXED_PRECISIONS = ("no", "bf16", "fp16")
 
 
 @dataclass
@@ -33,7 +36,9 @@ class SampleConfig:
     max_new_tokens: int = doc(256, "longest completion, in tokens")
     seed: int = doc(0, "base seed; each (prompt id, sample index) draws from its own stream")
     batch_size: int = doc(64, "sequences per generate() call (transformers backend)")
-    backend: str = doc("auto", "transformers | vllm | auto (vllm when installed and on CUDA)")
+    backend: str = choice(
+        "auto", SAMPLE_BACKENDS, "sampling engine (auto: vllm when installed and on CUDA)"
+    )
     vllm_memory: float = doc(0.85, "vllm: fraction of GPU memory it may take")
 
     def __post_init__(self):
@@ -43,10 +48,6 @@ class SampleConfig:
             raise ConfigError("sample.temperature must be >= 0 and sample.top_p in (0, 1]")
         if self.max_new_tokens < 1 or self.batch_size < 1:
             raise ConfigError("sample.max_new_tokens and sample.batch_size must be >= 1")
-        if self.backend not in ("auto", "transformers", "vllm"):
-            raise ConfigError(
-                f"sample.backend must be auto | transformers | vllm, got '{self.backend}'"
-            )
 
 
 @dataclass
@@ -58,9 +59,9 @@ class RewardConfig:
     )
     model: str = doc("", "fn=model: sequence-classification reward model, path or hub name")
     max_length: int = doc(2048, "fn=model: truncate prompt+completion to this many tokens")
-    truncation_side: str = doc("right", "fn=model: which end to cut: right | left")
+    truncation_side: str = choice("right", ("right", "left"), "fn=model: which end to cut")
     batch_size: int = doc(16, "fn=model: sequences per forward")
-    dtype: str = doc("float32", "fn=model: weights dtype: float32 | bfloat16 | float16")
+    dtype: str = choice("float32", tuple(DTYPES), "fn=model: weights dtype")
     label_index: int = doc(0, "fn=model: which output logit is the reward")
     trust_remote_code: bool = doc(False, "fn=model: allow the model's own code (e.g. ArmoRM)")
     keep_existing: bool = doc(
@@ -70,23 +71,20 @@ class RewardConfig:
     def __post_init__(self):
         if self.fn == "model" and not self.model:
             raise ConfigError("reward.fn=model needs reward.model=PATH")
-        if self.truncation_side not in ("right", "left"):
-            raise ConfigError("reward.truncation_side must be right | left")
 
 
 @dataclass
 class BuildConfig:
-    regime: str = doc(
+    regime: str = choice(
         "pointwise",
-        "pointwise (every reference sample) | best_worst (best and worst sample) | "
-        "random_pairs | offline (the data's own chosen/rejected or completions, scored)",
+        REGIMES,
+        "pointwise (every reference sample), best_worst (best and worst sample), "
+        "random_pairs, offline (the data's own chosen/rejected or completions, scored)",
     )
     pairs_per_prompt: int = doc(1, "random_pairs: disjoint pairs per prompt")
     seed: int = doc(0, "random_pairs: base seed (each prompt id draws its own pairs)")
 
     def __post_init__(self):
-        if self.regime not in REGIMES:
-            raise ConfigError(f"build.regime must be one of {REGIMES}, got '{self.regime}'")
         if self.pairs_per_prompt < 1:
             raise ConfigError("build.pairs_per_prompt must be >= 1")
 
@@ -94,15 +92,13 @@ class BuildConfig:
 @dataclass
 class RefLogpsConfig:
     micro_batch_tokens: int = doc(4096, "tokens per packed batch (as run.micro_batch_tokens)")
-    kernel_backend: str = doc("auto", "log-prob kernel, as the training run's loss.kernel_backend")
-    mixed_precision: str = doc("no", "autocast, as the training run's run.mixed_precision")
-    device: str = doc("auto", "auto (cuda when available) | cpu | cuda")
-
-    def __post_init__(self):
-        if self.mixed_precision not in ("no", "bf16", "fp16"):
-            raise ConfigError("ref_logps.mixed_precision must be no | bf16 | fp16")
-        if self.kernel_backend not in ("auto", "triton", "torch", "naive"):
-            raise ConfigError("ref_logps.kernel_backend must be auto | triton | torch | naive")
+    kernel_backend: str = choice(
+        "auto", LOGPROB_BACKENDS, "log-prob kernel, as the training run's loss.kernel_backend"
+    )
+    mixed_precision: str = choice(
+        "no", MIXED_PRECISIONS, "autocast, as the training run's run.mixed_precision"
+    )
+    device: str = doc("auto", "auto (cuda when available) | cpu | cuda | cuda:1 ...")
 
 
 @dataclass
@@ -122,7 +118,7 @@ class PipelineConfig:
         DataConfig, "input of the first step: any data format, or prompts-only JSONL"
     )
     out: str = doc("runs/generate", "output folder: OUT/<step>/shard-*/chunk-*.parquet")
-    steps: list = doc(list(STEPS), f"steps of the pipeline, in order, from {list(STEPS)}")
+    steps: list = choice(list(STEPS), STEPS, "steps of the pipeline, in order")
     shard: int = doc(-1, "this shard (-1: $SLURM_ARRAY_TASK_ID - $SLURM_ARRAY_TASK_MIN, or 0)")
     num_shards: int = doc(0, "number of shards (0: $SLURM_ARRAY_TASK_COUNT, or 1)")
     chunk_size: int = doc(64, "prompts per chunk file: the unit of resumption")
@@ -134,9 +130,8 @@ class PipelineConfig:
     merge: MergeConfig = sub(MergeConfig, "combining the shards of a step into one file")
 
     def __post_init__(self):
-        unknown = [s for s in self.steps if s not in STEPS]
-        if unknown or len(set(self.steps)) != len(self.steps):
-            raise ConfigError(f"steps must be distinct names from {list(STEPS)}, got {self.steps}")
+        if len(set(self.steps)) != len(self.steps):
+            raise ConfigError(f"steps must be distinct, got {self.steps}")
         if self.chunk_size < 1:
             raise ConfigError("chunk_size must be >= 1")
         if self.num_shards < 0 or (self.num_shards and self.shard >= self.num_shards):

@@ -25,7 +25,7 @@ from typing import Any
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from common.config import ConfigError, build_config, config_help, doc
+from common.config import ConfigError, build_config, choice, config_help, doc
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTERS = ("slurm", "local", "debug")
@@ -35,9 +35,10 @@ CLUSTERS = ("slurm", "local", "debug")
 class SlurmConfig:
     """Where and how the jobs run. The same fields serve training, sweeps and generation."""
 
-    cluster: str = doc(
+    cluster: str = choice(
         "slurm",
-        "slurm | local (this machine, in the background, same code path) | debug (in this process)",
+        CLUSTERS,
+        "slurm, local (this machine, in the background, same code path), debug (in this process)",
     )
     nodes: int = doc(1, "nodes; one task per node runs the node's processes")
     gpus_per_node: int = doc(8, "GPUs per node (0: CPU-only; processes then talk over gloo)")
@@ -67,8 +68,6 @@ class SlurmConfig:
     wait: bool = doc(False, "wait for the jobs to end and print their results")
 
     def __post_init__(self):
-        if self.cluster not in CLUSTERS:
-            raise ConfigError(f"cluster must be one of {CLUSTERS}, got '{self.cluster}'")
         if self.nodes < 1:
             raise ConfigError("nodes must be >= 1")
         if self.gpus_per_node < 0 or self.processes_per_node < 0:

@@ -132,6 +132,7 @@ def plan_runs(args: LaunchArgs) -> tuple[str, list[Run]]:
 def check_runs(runs: list[Run], slurm: SlurmConfig) -> None:
     """What the job would only find out on the nodes, found here."""
     from train.config import PAIR_ALGORITHMS
+    from train.resume import check_fresh
 
     inputs = {
         (
@@ -156,6 +157,11 @@ def check_runs(runs: list[Run], slurm: SlurmConfig) -> None:
     sig = preempt_signal().name
     world = slurm.nodes * slurm.per_node
     for run in runs:
+        if run.cfg.run.resume == "never":
+            # Checked here, before RUN_DIR/slurm/ is written; the job itself resumes (auto), so
+            # that a requeued job continues from its own checkpoints.
+            check_fresh(run.cfg.run.run_dir)
+            run.cfg.run.resume = "auto"
         if sig not in run.cfg.run.preempt_signals:
             raise ConfigError(
                 f"run.preempt_signals={run.cfg.run.preempt_signals} lacks {sig}, the signal "

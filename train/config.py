@@ -5,34 +5,45 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from common.config import ConfigError, doc, sub
+from common.config import ConfigError, choice, doc, sub
 from common.data import DataConfig
 from common.model import ModelConfig
+from kernels.api import LOGPROB_BACKENDS
 from kernels.partition import EMPIRICAL_ESTIMATORS, PARTITIONS
+from kernels.qrpo import ESTIMATORS, LOSS_TYPES, TRANSFORMS
 
 ALGORITHMS = ("sft", "qrpo", "dpo", "simpo", "rebel", "kto", "dro", "rpo_partition")
 PAIR_ALGORITHMS = ("dpo", "simpo", "rebel")
 REFERENCE_FREE = ("sft", "simpo")
+REFERENCE_SOURCES = ("auto", "data", "model")
+MIXED_PRECISIONS = ("no", "bf16", "fp16")
+RESUME_MODES = ("auto", "force", "never")
+
+
+def scheduler_names() -> tuple[str, ...]:
+    """transformers.get_scheduler's names (imported only when a config is checked)."""
+    from transformers import SchedulerType
+
+    return tuple(s.value for s in SchedulerType)
 
 
 @dataclass
 class LossConfig:
-    algorithm: str = doc("qrpo", f"one of {', '.join(ALGORITHMS)}")
+    algorithm: str = choice("qrpo", ALGORITHMS, "training algorithm")
     beta: float = doc(1e-2, "QRPO/DPO/REBEL/KTO beta (SimPO: its beta)")
     length_normalized: bool = doc(
         False, "QRPO: beta_eff = beta/|y| per sample, clamped at max_beta"
     )
     max_beta: float = doc(0.1, "QRPO: clamp of the length-normalised beta")
-    transform: str = doc(
-        "identity", "QRPO f(q): identity|log|normal_icdf|scaled_normal_icdf|square|sqrt"
-    )
-    estimator: str = doc("inclusive", "QRPO quantile estimator: inclusive | midrank | randomized")
+    transform: str = choice("identity", TRANSFORMS, "QRPO f(q), the transform of the quantile")
+    estimator: str = choice("inclusive", ESTIMATORS, "QRPO quantile estimator")
     exclude_self: bool = doc(True, "QRPO: leave a completion's own reward out of its reference set")
-    loss_type: str = doc("squared", "QRPO regression loss: squared | absolute")
-    partition: str = doc(
+    loss_type: str = choice("squared", LOSS_TYPES, "QRPO regression loss")
+    partition: str = choice(
         "closed_form",
-        "QRPO log Z: closed_form (paper, K -> inf) | finite_k (grid j/K) | empirical (own refs, "
-        "for ties; inclusive|midrank) - see docs/partition.md",
+        PARTITIONS,
+        "QRPO log Z: closed_form (paper, K -> inf), finite_k (grid j/K), empirical (own refs, "
+        "for ties; inclusive|midrank); see docs/partition.md",
     )
     gamma: float = doc(1.0, "SimPO margin gamma (paper: gamma/beta = 0.5)")
     tau: float = doc(1.0, "DRO / reward-partition temperature tau")
@@ -42,20 +53,14 @@ class LossConfig:
     kto_desirable_weight: float = doc(1.0, "KTO: weight of desirable examples")
     kto_undesirable_weight: float = doc(1.0, "KTO: weight of undesirable examples")
     value_lr: float = doc(1e-2, "DRO: learning rate of the per-prompt value table")
-    kernel_backend: str = doc("auto", "log-prob kernel: auto | triton | torch | naive")
+    kernel_backend: str = choice("auto", LOGPROB_BACKENDS, "log-prob kernel")
     fused_head: Optional[bool] = doc(
         None, "fused head+loss pass (train/fused.py): true | false | null = on with CUDA"
     )
 
     def __post_init__(self):
-        if self.algorithm not in ALGORITHMS:
-            raise ConfigError(f"loss.algorithm must be one of {ALGORITHMS}, got '{self.algorithm}'")
         if self.beta <= 0:
             raise ConfigError("loss.beta must be > 0")
-        if self.kernel_backend not in ("auto", "triton", "torch", "naive"):
-            raise ConfigError("loss.kernel_backend must be auto | triton | torch | naive")
-        if self.partition not in PARTITIONS:
-            raise ConfigError(f"loss.partition must be one of {PARTITIONS}, got '{self.partition}'")
         if self.partition == "empirical" and self.estimator not in EMPIRICAL_ESTIMATORS:
             raise ConfigError(
                 f"loss.partition=empirical needs loss.estimator in {EMPIRICAL_ESTIMATORS}, got "
@@ -65,14 +70,14 @@ class LossConfig:
 
 @dataclass
 class ReferenceConfig:
-    source: str = doc("auto", "reference log-probs: data (precomputed) | model (on the fly) | auto")
+    source: str = choice(
+        "auto",
+        REFERENCE_SOURCES,
+        "reference log-probs: data (precomputed), model (on the fly), auto (data when complete)",
+    )
     name_or_path: str = doc("", "reference model for source=model (default: the policy's start)")
     check_rows: int = doc(8, "rows on which precomputed log-probs are checked against the start")
     check_tolerance: float = doc(1e-2, "largest allowed |precomputed - recomputed| in nats")
-
-    def __post_init__(self):
-        if self.source not in ("auto", "data", "model"):
-            raise ConfigError(f"ref.source must be auto | data | model, got '{self.source}'")
 
 
 @dataclass
@@ -81,7 +86,7 @@ class OptimConfig:
     weight_decay: float = doc(0.0, "AdamW weight decay")
     betas: list = doc([0.9, 0.999], "AdamW betas")
     eps: float = doc(1e-8, "AdamW eps")
-    scheduler: str = doc("cosine", "transformers get_scheduler name")
+    scheduler: str = choice("cosine", scheduler_names, "transformers get_scheduler name")
     warmup_ratio: float = doc(0.1, "warm-up steps as a fraction of all steps")
     max_grad_norm: float = doc(0.0, "gradient clipping norm (0: no clipping; the norm is logged)")
 
@@ -100,7 +105,7 @@ class RunConfig:
     max_steps: int = doc(0, "stop after this many optimizer steps (0: epochs decide)")
     global_batch: int = doc(16, "sequences per optimizer step, over all processes (pairs count 2)")
     micro_batch_tokens: int = doc(4096, "token budget of one packed micro-batch per process")
-    mixed_precision: str = doc("no", "accelerate mixed precision: no | bf16 | fp16")
+    mixed_precision: str = choice("no", MIXED_PRECISIONS, "accelerate mixed precision")
     gradient_checkpointing: bool = doc(False, "recompute activations in backward")
     save_every: int = doc(0, "checkpoint every N steps (0: only at the end)")
     keep_checkpoints: int = doc(2, "complete checkpoints kept on disk")
@@ -115,6 +120,13 @@ class RunConfig:
         ["SIGUSR2"], "signals that mean 'checkpoint at the next step and exit with code 75'"
     )
     wandb_name: Optional[str] = doc(None, "run name for wandb")
+    resume: str = choice(
+        "auto",
+        RESUME_MODES,
+        "with a checkpoint in run_dir: auto (resume if no key that changes the trajectory "
+        "changed, else stop and list them), force (resume with the new values), never "
+        "(start fresh; run_dir must be empty)",
+    )
     profile_steps: list = doc(
         [], "[first, last] optimizer steps to profile into RUN_DIR/profile_rank*.txt ([]: off)"
     )
@@ -122,8 +134,6 @@ class RunConfig:
     def __post_init__(self):
         if self.global_batch < 1:
             raise ConfigError("run.global_batch must be >= 1")
-        if self.mixed_precision not in ("no", "bf16", "fp16"):
-            raise ConfigError("run.mixed_precision must be no | bf16 | fp16")
         if self.profile_steps and (
             len(self.profile_steps) != 2 or not 1 <= self.profile_steps[0] <= self.profile_steps[1]
         ):

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from common.config import ConfigError, save_config, to_yaml
+from common.config import ConfigError, to_yaml
 from common.data import DataError, load_canonical
 from common.flops import measure_peak_tflops, peak_memory_gb, train_flops_per_token
 from common.model import ModelConfig, load_model, load_tokenizer
@@ -38,12 +38,12 @@ from train.data import (
     global_batch_indices,
     mismatched,
     pack,
-    steps_per_epoch,
 )
 from train.fused import fused_head_applies, fused_micro_batch_loss
 from train.model import SequenceLogprobModel
 from train.preemption import PreemptionFlag
 from train.profiling import StepProfiler
+from train.resume import apply_new_values, describe, plan_resume, record_start, schedule_length
 
 
 class TrainingError(RuntimeError):
@@ -210,6 +210,8 @@ def train(cfg: TrainConfig) -> dict:
             f"{len(examples) * seqs_per_example} in the data"
         )
     ref_source = reference_source(cfg, examples)
+    # Whether this start resumes, and with which config: decided before any model is loaded.
+    plan = plan_resume(cfg, len(examples), per_step)
 
     accelerator = make_accelerator(cfg)
     world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
@@ -219,14 +221,13 @@ def train(cfg: TrainConfig) -> dict:
             f"run.global_batch gives {per_step} examples per step, fewer than the {world} processes"
         )
     run_dir = Path(cfg.run.run_dir)
+    accelerator.wait_for_everyone()  # every process has planned from the old config.yaml
     if accelerator.is_main_process:
-        save_config(cfg, run_dir)
+        record_start(cfg, plan)  # config.yaml, and this start in config_history.yaml
     log(to_yaml(cfg))
     set_seed(cfg.run.seed)
 
-    total_steps = cfg.run.epochs * steps_per_epoch(len(examples), per_step)
-    if cfg.run.max_steps:
-        total_steps = min(total_steps, cfg.run.max_steps) if cfg.run.epochs else cfg.run.max_steps
+    total_steps = schedule_length(cfg, len(examples), per_step)
 
     # ---- models
     num_prompts = 1 + max(s.prompt_index for e in examples for s in e.sequences)
@@ -273,12 +274,15 @@ def train(cfg: TrainConfig) -> dict:
     if accelerator.is_main_process and cfg.run.trackers:
         accelerator.init_trackers(cfg.run.project, config=_flat(cfg))
 
-    # ---- resume
+    # ---- resume (train/resume.py: run.resume and a changed config)
     step, metrics_log = 0, run_dir / "metrics.jsonl"
-    ckpt = latest_checkpoint(run_dir)
-    if ckpt is not None:
-        step = load_checkpoint(accelerator, ckpt)["step"]
-        log(f"resumed from {ckpt} at step {step}")
+    if plan.checkpoint is not None:
+        step = load_checkpoint(accelerator, plan.checkpoint)["step"]
+        log(f"resumed from {plan.checkpoint} at step {step}")
+    if describe(plan):
+        log(describe(plan))
+    if plan.applies_new_values:
+        apply_new_values(cfg, optimizer, scheduler, log)
     if accelerator.is_main_process:
         _truncate_log(metrics_log, step)
 

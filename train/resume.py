@@ -1,0 +1,285 @@
+"""Resuming a run: from which checkpoint, and whether the new configuration may continue it.
+
+A run directory with a complete checkpoint is resumed by rerunning the command. What happens when
+the configuration changed in between is `run.resume`:
+
+    auto   resume when no key that changes the training trajectory changed; otherwise stop before
+           any model is loaded, listing each such key with its old and new value
+    force  resume and apply the new values: optimizer hyper-parameters and learning rates take
+           effect from the next step (said in the log and in RUN_DIR/config_history.yaml)
+    never  start fresh; the run directory must be empty (the SLURM launcher's slurm/ aside)
+
+Keys that change the trajectory: everything except those in `KEEPS_TRAJECTORY` (logging,
+trackers, checkpoint cadence, reference-check settings, ...), so a key added to the config later
+counts as a change until it is listed here. `run.epochs` and `run.max_steps` set the length of the
+learning-rate schedule (the order of the data depends only on the seed and the step): a change is
+allowed when the new schedule gives the steps already taken the same learning rates (a constant
+schedule, or a cap that does not bind), and counts as a change otherwise (cosine over 6 steps is
+not cosine over 3). Other hyper-parameter changes need `force`: optimizer moments, step count and
+base learning rates come from the checkpoint, the rest from the new configuration.
+
+Every start appends to RUN_DIR/config_history.yaml (time, mode, step, changed keys old -> new);
+RUN_DIR/config.yaml is always the configuration of the latest start.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from common.config import ConfigError, load_saved_config, save_config
+from train.checkpoint import latest_checkpoint
+from train.config import TrainConfig
+from train.data import steps_per_epoch
+
+KEEPS_TRAJECTORY = (
+    "run.run_dir",
+    "run.resume",
+    "run.save_every",
+    "run.keep_checkpoints",
+    "run.log_every",
+    "run.trackers",
+    "run.project",
+    "run.wandb_name",
+    "run.peak_tflops",
+    "run.plot",
+    "run.preempt_signals",
+    "run.gradient_checkpointing",  # recomputes the same activations
+    "run.profile_steps",
+    "ref.check_rows",
+    "ref.check_tolerance",
+)
+SCHEDULE_LENGTH = ("run.epochs", "run.max_steps")
+HISTORY = "config_history.yaml"
+LAUNCHER_FOLDER = "slurm"  # written by slurm.train before the job starts
+
+
+@dataclass
+class ResumePlan:
+    """What this start does: resume from `checkpoint` (None: start fresh) at `step`."""
+
+    mode: str
+    checkpoint: Path | None = None
+    step: int = 0
+    changes: dict[str, tuple[Any, Any]] = field(default_factory=dict)  # every changed key
+    trajectory: dict[str, str] = field(default_factory=dict)  # key -> why it changes the run
+
+    @property
+    def applies_new_values(self) -> bool:
+        return self.checkpoint is not None and bool(self.trajectory)
+
+
+def schedule_length(cfg: TrainConfig, num_examples: int, per_step: int) -> int:
+    """Optimizer steps of the run: epochs over the data, capped by run.max_steps."""
+    total = cfg.run.epochs * steps_per_epoch(num_examples, per_step)
+    if cfg.run.max_steps:
+        total = min(total, cfg.run.max_steps) if cfg.run.epochs else cfg.run.max_steps
+    return total
+
+
+def flat(cfg: TrainConfig) -> dict[str, Any]:
+    """Dotted key -> value, for every leaf of the tree."""
+    out = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        for f in dataclasses.fields(node):
+            value = getattr(node, f.name)
+            if dataclasses.is_dataclass(value):
+                walk(value, f"{prefix}{f.name}.")
+            else:
+                out[f"{prefix}{f.name}"] = list(value) if isinstance(value, tuple) else value
+
+    walk(cfg, "")
+    return out
+
+
+def lr_multipliers(cfg: TrainConfig, total: int, steps: int) -> list[float] | None:
+    """The schedule's learning-rate factor for steps 0..steps-1, built as train.train builds it
+    (None: not a LambdaLR)."""
+    import torch
+    from torch.optim.lr_scheduler import LambdaLR
+    from transformers import get_scheduler
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = get_scheduler(
+        cfg.optim.scheduler,
+        optimizer,
+        num_warmup_steps=int(cfg.optim.warmup_ratio * total),
+        num_training_steps=max(total, 1),
+    )
+    if not isinstance(scheduler, LambdaLR):
+        return None
+    return [scheduler.lr_lambdas[0](s) for s in range(steps)]
+
+
+def _leftovers(run_dir: Path) -> list[str]:
+    """What a fresh start would mix with: every entry but the launcher's folder."""
+    if not run_dir.is_dir():
+        return []
+    return sorted(p.name for p in run_dir.iterdir() if p.name != LAUNCHER_FOLDER)
+
+
+def check_fresh(run_dir: str | Path) -> None:
+    """run.resume=never: refuse a run directory that holds anything of an earlier run."""
+    left = _leftovers(Path(run_dir))
+    if left:
+        shown = ", ".join(left[:6]) + (", ..." if len(left) > 6 else "")
+        raise ConfigError(
+            f"run.resume=never: run directory {run_dir} is not empty ({shown}); give a new "
+            "run.run_dir, empty this one, or use run.resume=auto to continue it"
+        )
+
+
+def _trajectory_changes(
+    saved: TrainConfig, cfg: TrainConfig, changes: dict, step: int, num_examples: int, per_step: int
+) -> dict[str, str]:
+    """The changed keys that make the resumed run differ from the saved one's, and why."""
+    out = {k: "" for k in changes if k not in KEEPS_TRAJECTORY and k not in SCHEDULE_LENGTH}
+    length_keys = [k for k in SCHEDULE_LENGTH if k in changes]
+    if length_keys:
+        why = _schedule_change(saved, cfg, step, num_examples, per_step)
+        if why is not None:
+            out.update({k: why for k in length_keys})
+    return out
+
+
+def _schedule_change(
+    saved: TrainConfig, cfg: TrainConfig, step: int, num_examples: int, per_step: int
+) -> str | None:
+    """Why a new schedule length changes the steps already taken, or None when it does not.
+    Both lengths are tried with the new optimizer settings, so that only the length is judged
+    here (a changed optim.* key is reported by itself)."""
+    old_total = schedule_length(saved, num_examples, per_step)
+    new_total = schedule_length(cfg, num_examples, per_step)
+    if old_total == new_total:
+        return None
+    old = lr_multipliers(cfg, old_total, step)
+    if old is not None and old == lr_multipliers(cfg, new_total, step):
+        return None
+    return (
+        f" (the {cfg.optim.scheduler} schedule would span {new_total} steps instead of "
+        f"{old_total}: the {step} steps done had other learning rates)"
+    )
+
+
+def plan_resume(cfg: TrainConfig, num_examples: int, per_step: int) -> ResumePlan:
+    """Decide before any model is loaded and before anything is written; raises ConfigError
+    when the run must stop (`auto` with changed trajectory keys, `never` on a used folder)."""
+    run_dir, mode = Path(cfg.run.run_dir), cfg.run.resume
+    if mode == "never":
+        check_fresh(run_dir)
+        return ResumePlan(mode)
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is None:
+        return ResumePlan(mode)
+    trainer = json.loads((ckpt / "trainer.json").read_text())
+    plan = ResumePlan(mode, ckpt, int(trainer["step"]))
+    try:
+        saved = load_saved_config(TrainConfig, run_dir)
+    except ConfigError as err:
+        if mode != "force":
+            raise ConfigError(
+                f"run.resume=auto: {run_dir} has a checkpoint at step {plan.step} but its "
+                f"config.yaml cannot be compared with this one ({err}); use run.resume=force to "
+                "resume anyway, or a new run.run_dir"
+            ) from None
+        plan.trajectory["config.yaml"] = " (unreadable)"
+        return plan
+    old, new = flat(saved), flat(cfg)
+    plan.changes = {k: (old.get(k), v) for k, v in new.items() if old.get(k) != v}
+    plan.trajectory = _trajectory_changes(
+        saved, cfg, plan.changes, plan.step, num_examples, per_step
+    )
+    if trainer.get("examples", num_examples) != num_examples:
+        plan.changes["data (examples after the checks)"] = (trainer["examples"], num_examples)
+        plan.trajectory["data (examples after the checks)"] = " (the data itself changed)"
+    if plan.trajectory and mode == "auto":
+        lines = [
+            f"  {k}: {_show(plan.changes[k][0])} -> {_show(plan.changes[k][1])}{why}"
+            for k, why in plan.trajectory.items()
+        ]
+        raise ConfigError(
+            "\n".join(
+                [
+                    f"run.resume=auto: {run_dir} has a checkpoint at step {plan.step} made with "
+                    "other values of keys that change the training trajectory:",
+                    *lines,
+                    f"Rerun with the saved values ({run_dir / 'config.yaml'}), set "
+                    f"run.resume=force to continue from step {plan.step} with the new ones, or "
+                    "give a new run.run_dir to start fresh.",
+                ]
+            )
+        )
+    return plan
+
+
+def _show(value: Any) -> str:
+    return repr(value) if isinstance(value, str) else str(value)
+
+
+def describe(plan: ResumePlan) -> str:
+    """What changed since the saved config, for the log ('' when nothing did)."""
+    if plan.checkpoint is None:
+        return "run.resume=never: starting fresh" if plan.mode == "never" else ""
+    parts = []
+    if plan.trajectory:
+        changed = ", ".join(
+            f"{k} {_show(plan.changes[k][0])} -> {_show(plan.changes[k][1])}"
+            for k in plan.trajectory
+            if k in plan.changes
+        )
+        parts.append(f"run.resume=force: new values from step {plan.step + 1} on: {changed}")
+    kept = [k for k in plan.changes if k not in plan.trajectory]
+    if kept:
+        parts.append("changed keys that keep the trajectory: " + ", ".join(kept))
+    return "; ".join(parts)
+
+
+def record_start(cfg: TrainConfig, plan: ResumePlan) -> None:
+    """Main process: write RUN_DIR/config.yaml and append this start to config_history.yaml."""
+    from omegaconf import OmegaConf
+
+    run_dir = Path(cfg.run.run_dir)
+    save_config(cfg, run_dir)
+
+    def old_new(keys) -> dict:
+        return {k: {"old": plan.changes[k][0], "new": plan.changes[k][1]} for k in keys}
+
+    entry = {
+        "time": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+        "resume": plan.mode,
+        "action": "fresh" if plan.checkpoint is None else f"resumed at step {plan.step}",
+        "forced": old_new(k for k in plan.trajectory if k in plan.changes),
+        "changed": old_new(k for k in plan.changes if k not in plan.trajectory),
+    }
+    path = run_dir / HISTORY
+    history = OmegaConf.to_container(OmegaConf.load(path)) if path.is_file() else []
+    history.append(entry)
+    path.write_text(OmegaConf.to_yaml(history))
+
+
+def apply_new_values(cfg: TrainConfig, optimizer, scheduler, log) -> None:
+    """run.resume=force: the checkpoint restored the old optimizer hyper-parameters and base
+    learning rates; set the configuration's, and the learning rate of the next step from the new
+    base and the (new) schedule at the restored step."""
+    from torch.optim.lr_scheduler import LambdaLR
+
+    bases = [cfg.optim.lr, cfg.loss.value_lr][: len(optimizer.param_groups)]
+    for k, (group, base) in enumerate(zip(optimizer.param_groups, bases)):
+        group["initial_lr"] = base
+        group["betas"] = tuple(cfg.optim.betas)
+        group["eps"] = cfg.optim.eps
+        group["weight_decay"] = cfg.optim.weight_decay if k == 0 else 0.0
+    scheduler.base_lrs = list(bases)
+    if isinstance(scheduler, LambdaLR):
+        for group, base, fn in zip(optimizer.param_groups, bases, scheduler.lr_lambdas):
+            group["lr"] = base * fn(scheduler.last_epoch)
+        scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+    log(
+        f"run.resume=force: step {scheduler.last_epoch + 1} on uses the new optimizer values; "
+        f"learning rate of the next step {optimizer.param_groups[0]['lr']:.6g}"
+    )
