@@ -60,23 +60,12 @@ class SequenceLogprobModel(nn.Module):
         # The kernel takes max/LSE/target logit from fp32 accumulators itself; autocast inside it
         # would round its internal matmuls, so it is switched off around the call.
         with torch.autocast(hidden.device.type, enabled=False):
-            if fused:
-                return kernels.fused_head_loss(
-                    hidden.to(dtype),
-                    weight.to(dtype),
-                    score_targets,
-                    score_cu_seqlens,
-                    bias=None if bias is None else bias.to(dtype),
-                    backend=self.backend,
-                    check_targets=False,
-                    **fused,
-                )
-            return kernels.sequence_logprobs(
-                hidden.to(dtype),
-                weight.to(dtype),
-                score_targets,
-                score_cu_seqlens,
+            args = (hidden.to(dtype), weight.to(dtype), score_targets, score_cu_seqlens)
+            options = dict(
                 bias=None if bias is None else bias.to(dtype),
                 backend=self.backend,
                 check_targets=False,
             )
+            if fused:
+                return kernels.fused_head_loss(*args, **options, **fused)
+            return kernels.sequence_logprobs(*args, **options)
