@@ -192,6 +192,7 @@ class Batch:
     sigma: torch.Tensor  # [S]
     num_examples: int
     max_seqlen: int  # longest sequence in the row (varlen attention's tile count)
+    host_score_cu_seqlens: list[int]  # score_cu_seqlens on the host: chunk plans need no sync
 
     def model_inputs(self) -> tuple[torch.Tensor, ...]:
         """The arguments of SequenceLogprobModel.forward."""
@@ -256,4 +257,5 @@ def collate(examples: list[Example], device: torch.device | str = "cpu") -> Batc
         sigma=t([s.sigma for s in seqs], torch.float32),
         num_examples=len(examples),
         max_seqlen=max(len(s.input_ids) for s in seqs),
+        host_score_cu_seqlens=score_cu,
     )

@@ -19,10 +19,8 @@ from collections.abc import Callable
 
 import torch
 
-from common.constants import IGNORE_INDEX
-from common.tokenize import shifted_targets
 from train.config import PAIR_ALGORITHMS
-from train.data import Batch, Example
+from train.data import Batch
 
 FUSED_ALGORITHMS = ("sft", "qrpo", "dpo", "simpo", "rebel")
 
@@ -34,22 +32,10 @@ def fused_head_applies(cfg, device: torch.device) -> bool:
     return allowed and bool(cfg.loss.fused_head)
 
 
-def score_bounds(group: list[Example]) -> list[int]:
-    """Host copy of the batch's score_cu_seqlens (as train.data.collate builds it), so the chunk
-    plan needs no device sync."""
-    bounds = [0]
-    for e in group:
-        for s in e.sequences:
-            scored = sum(t != IGNORE_INDEX for t in shifted_targets(s.input_ids, s.prompt_len))
-            bounds.append(bounds[-1] + scored)
-    return bounds
-
-
 def fused_micro_batch_loss(
     cfg,
     policy,
     batch: Batch,
-    group: list[Example],
     per_example: Callable[[torch.Tensor], tuple[torch.Tensor, dict]],
     generator: torch.Generator,
 ) -> tuple[torch.Tensor, dict]:
@@ -69,7 +55,7 @@ def fused_micro_batch_loss(
         *batch.model_inputs(),
         loss_fn=loss_fn,
         group_size=2 if cfg.loss.algorithm in PAIR_ALGORITHMS else 1,
-        host_cu_seqlens=score_bounds(group),
+        host_cu_seqlens=batch.host_score_cu_seqlens,
     )
     generator.set_state(state)
     _, metrics = per_example(logps)

@@ -447,7 +447,6 @@ def micro_batch_loss(
                     cfg,
                     policy,
                     batch,
-                    group,
                     lambda lp: example_losses(
                         cfg,
                         batch,

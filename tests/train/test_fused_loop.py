@@ -18,7 +18,7 @@ from common.model import load_model
 from common.tiny import TASK
 from train.config import TrainConfig
 from train.data import collate
-from train.fused import fused_head_applies, score_bounds
+from train.fused import fused_head_applies
 from train.model import SequenceLogprobModel
 from train.train import load_examples, micro_batch_loss
 
@@ -95,12 +95,12 @@ def test_fused_micro_batch_equals_two_pass(tmp_path, monkeypatch, models, algori
     examples, _ = load_examples(cfg)
     group = examples[:5]
     batch = collate(group)
-    assert score_bounds(group) == batch.score_cu_seqlens.tolist()
+    assert batch.host_score_cu_seqlens == batch.score_cu_seqlens.tolist()
     vocab = policy.model.get_output_embeddings().weight.shape[0]
     # 12-token chunks: the micro-batch spans several (completions have 5-7 tokens); a pair
     # longer than 12 tokens takes the two-pass fallback.
     monkeypatch.setitem(kernels.fused_head.MAX_LOGITS_ELEMENTS, "cpu", 12 * vocab)
-    assert len(kernels.fused_head.plan_chunks(score_bounds(group), 2, 12)) > 2
+    assert len(kernels.fused_head.plan_chunks(batch.host_score_cu_seqlens, 2, 12)) > 2
 
     calls = []
     fused_head_loss = kernels.fused_head_loss
