@@ -57,9 +57,58 @@ def choose_attention(requested: str, device: torch.device) -> tuple[str, str]:
     if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
         return "flash_attention_2", "CUDA with flash-attn installed"
     if device.type == "cuda" and torch_varlen_available():
-        return "torch_varlen", "CUDA without flash-attn; torch ships varlen_attn"
-    why = "no CUDA" if device.type != "cuda" else f"torch {torch.__version__} has no varlen_attn"
+        failure = varlen_probe_failure(device)
+        if failure is None:
+            return "torch_varlen", "CUDA without flash-attn; torch ships varlen_attn"
+        why = f"torch {torch.__version__}'s varlen_attn failed a probe ({failure})"
+    else:
+        why = (
+            "no CUDA" if device.type != "cuda" else f"torch {torch.__version__} has no varlen_attn"
+        )
     return "per_sequence", f"{why}: length-bucketed causal sdpa per sequence"
+
+
+@functools.cache
+def varlen_probe_failure(device: torch.device) -> str | None:
+    """None when varlen_attn, called as `torch_varlen_attention` calls it, matches causal sdpa
+    on two packed grouped-query sequences, forward and backward; else what went wrong. Its
+    keywords changed between torch releases, so `auto` checks before a run depends on it."""
+    g = torch.Generator(device="cpu").manual_seed(0)
+    lengths, heads, kv_heads, dim = (21, 16), 4, 2, 64
+
+    def rand(h: int) -> torch.Tensor:
+        x = torch.randn(sum(lengths), h, dim, generator=g).to(device, torch.bfloat16)
+        return x.requires_grad_()
+
+    try:
+        q, k, v = rand(heads), rand(kv_heads), rand(kv_heads)
+        cu = torch.tensor([0, lengths[0], sum(lengths)], device=device, dtype=torch.int32)
+        out = torch_varlen_attention(
+            None, *(x.transpose(0, 1)[None] for x in (q, k, v)), None, scaling=dim**-0.5,
+            cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=max(lengths),
+            max_length_k=max(lengths),
+        )[0][0]  # fmt: skip
+        out.float().square().sum().backward()
+    except Exception as e:  # any failure means: do not pick this path
+        return f"{type(e).__name__}: {e}"[:200]
+    grads = [x.grad.float() for x in (q, k, v)]
+    for x in (q, k, v):
+        x.grad = None
+    ref_out = []
+    for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        qs, ks, vs = (x[a:b].float().transpose(0, 1) for x in (q, k, v))
+        ks, vs = (x.repeat_interleave(heads // kv_heads, dim=0) for x in (ks, vs))
+        ref_out.append(F.scaled_dot_product_attention(qs, ks, vs, is_causal=True).transpose(0, 1))
+    ref = torch.cat(ref_out)
+    ref.square().sum().backward()
+    pairs = [("output", out.float(), ref)] + [
+        (name, got, x.grad.float()) for name, got, x in zip("qkv", grads, (q, k, v))
+    ]
+    for name, got, want in pairs:
+        err = ((got - want).norm() / want.norm().clamp_min(1e-12)).item()
+        if not err < 2e-2:
+            return f"{name} differs from causal sdpa: relative error {err:.3g}"
+    return None
 
 
 # --------------------------------------------------------------------------- the packing plan

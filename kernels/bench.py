@@ -279,23 +279,28 @@ def _fmt(x: float | None, spec: str) -> str:
     return "-" if x is None else format(x, spec)
 
 
-def print_table(results: list[Result]) -> None:
-    head = (
-        f"{'shape':<22} {'method':<14} {'fwd ms':>9} {'f+b ms':>9} {'extra MiB':>10} "
-        f"{'fwd TF/s':>9} {'f+b TF/s':>9} {'% floor':>8} {'max|err|':>9} {'mean|err|':>9}"
+TABLE_HEAD = (
+    f"{'shape':<22} {'method':<14} {'fwd ms':>9} {'f+b ms':>9} {'extra MiB':>10} "
+    f"{'fwd TF/s':>9} {'f+b TF/s':>9} {'% floor':>8} {'max|err|':>9} {'mean|err|':>9}"
+)
+
+
+def table_row(r: Result) -> str:
+    if r.note:
+        return f"{r.shape:<22} {r.method:<14} {r.note}"
+    return (
+        f"{r.shape:<22} {r.method:<14} {_fmt(r.fwd_ms, '9.1f')} {_fmt(r.fwd_bwd_ms, '9.1f')} "
+        f"{_fmt(r.peak_extra_mib, '10.1f')} {_fmt(r.fwd_tflops, '9.2f')} "
+        f"{_fmt(r.fwd_bwd_tflops, '9.2f')} {_fmt(r.pct_of_floor, '8.1f')} "
+        f"{_fmt(r.max_seq_err, '9.1e')} {_fmt(r.mean_seq_err, '9.1e')}"
     )
-    print(head)
-    print("-" * len(head))
+
+
+def print_table(results: list[Result]) -> None:
+    print(TABLE_HEAD)
+    print("-" * len(TABLE_HEAD))
     for r in results:
-        if r.note:
-            print(f"{r.shape:<22} {r.method:<14} {r.note}")
-            continue
-        print(
-            f"{r.shape:<22} {r.method:<14} {_fmt(r.fwd_ms, '9.1f')} {_fmt(r.fwd_bwd_ms, '9.1f')} "
-            f"{_fmt(r.peak_extra_mib, '10.1f')} {_fmt(r.fwd_tflops, '9.2f')} "
-            f"{_fmt(r.fwd_bwd_tflops, '9.2f')} {_fmt(r.pct_of_floor, '8.1f')} "
-            f"{_fmt(r.max_seq_err, '9.1e')} {_fmt(r.mean_seq_err, '9.1e')}"
-        )
+        print(table_row(r))
 
 
 def plot(results: list[Result], path: Path) -> None:
@@ -450,6 +455,7 @@ def main() -> None:
                         note=f"failed: {type(e).__name__}: {e}"[:160],
                     )
                 )
+            print(f"  {table_row(results[-1])}", flush=True)  # a killed run keeps its rows
             if device.type == "cuda":
                 torch.cuda.empty_cache()
         del inputs, reference

@@ -2,6 +2,7 @@
 the log-prob it has alone, on the tiny grouped-query model (4 heads, 2 key/value heads), with
 many short sequences, one long one and a one-token completion."""
 
+import importlib.util
 import random
 
 import pytest
@@ -178,3 +179,43 @@ def test_torch_varlen_plumbing_with_a_cpu_stand_in(monkeypatch):
     monkeypatch.setattr(attention, "_varlen_attn", lambda: _varlen_on_cpu)
     packed, alone, _, _ = _packed_and_alone("torch_varlen", "cpu")
     torch.testing.assert_close(packed, alone, rtol=0, atol=1e-4)
+
+
+def _varlen_without_causality(q, k, v, cu_q, cu_k, max_q, max_k, **options):
+    """A stand-in that ignores the causal keyword: what a renamed keyword would silently do."""
+    out = torch.empty_like(q)
+    for a, b in zip(cu_q[:-1].tolist(), cu_q[1:].tolist()):
+        qs, ks, vs = (x[a:b].transpose(0, 1) for x in (q, k, v))
+        o = torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, enable_gqa=True)
+        out[a:b] = o.transpose(0, 1)
+    return out
+
+
+@pytest.mark.parametrize(
+    "kernel, failure",
+    [(_varlen_on_cpu, None), (_varlen_without_causality, "output differs from causal sdpa")],
+)
+def test_varlen_probe_passes_the_contract_and_catches_a_non_causal_kernel(
+    monkeypatch, kernel, failure
+):
+    import common.attention as attention
+
+    monkeypatch.setattr(attention, "_varlen_kernel_usable", lambda q: True)
+    monkeypatch.setattr(attention, "_varlen_attn", lambda: kernel)
+    attention.varlen_probe_failure.cache_clear()
+    try:
+        got = attention.varlen_probe_failure(torch.device("cpu"))
+    finally:
+        attention.varlen_probe_failure.cache_clear()
+    assert got == failure if failure is None else got.startswith(failure)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_varlen_probe_passes_on_this_gpu_and_auto_picks_torch_varlen():
+    import common.attention as attention
+
+    if importlib.util.find_spec("flash_attn") is not None or not attention.torch_varlen_available():
+        pytest.skip("auto picks flash-attn, or this torch has no varlen_attn")
+    assert attention.varlen_probe_failure(torch.device("cuda")) is None
+    assert choose_attention("auto", torch.device("cuda"))[0] == "torch_varlen"
