@@ -72,7 +72,7 @@ def _ndtri(p):
     return tl.where(p < 0.02425, lower, tl.where(p > 1.0 - 0.02425, upper, central))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=("B",))  # the batch size changes per micro-batch
 def _qrpo_fwd_kernel(
     logps_ptr,  # [B] policy log-probs (any float dtype)
     ref_logps_ptr,  # [B] reference log-probs
@@ -169,7 +169,7 @@ def _qrpo_fwd_kernel(
     tl.store(fq_ptr + rows, fq.to(tl.float32), mask=row_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=("B",))
 def _qrpo_bwd_kernel(
     grad_loss_ptr,  # [B] fp32 upstream gradient
     res_ptr,  # [B] fp32 residual saved by the forward

@@ -42,7 +42,7 @@ def _direct_logps(causal_lm, example: Example) -> torch.Tensor:
 def _packed_and_alone(path: str, device: str, dtype: str = "float32"):
     causal_lm = load_model(
         ModelConfig(attn_implementation=path, dtype=dtype), device, log=lambda *_: None
-    )
+    ).to(device)
     model = SequenceLogprobModel(causal_lm, "torch").eval()
     examples = _examples(causal_lm.config.vocab_size)
     with torch.no_grad():
@@ -131,7 +131,7 @@ def test_torch_varlen_gradients_match_per_sequence_bf16():
     for path in ("torch_varlen", "per_sequence"):
         causal_lm = load_model(
             ModelConfig(attn_implementation=path, dtype="bfloat16"), "cuda", log=lambda *_: None
-        )
+        ).to("cuda")
         model = SequenceLogprobModel(causal_lm, "torch")
         batch = collate(_examples(causal_lm.config.vocab_size), "cuda")
         model(*batch.model_inputs()).float().sum().backward()
