@@ -20,7 +20,7 @@ if [ ! -x "$venv/bin/python" ] || [ ! -f "$venv/.complete" ]; then
 fi
 export PATH="$venv/bin:$PATH" HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 case "${1:-}" in
-  demo) shift; python -m train.demo "$@" ;;
+  demo) shift; python -m pipelines.demo "$@" ;;
   test) shift; ruff check . && ruff format --check . && python -m pytest -q "$@" ;;
   *) echo "usage: bash run.sh demo|test [args]"; exit 2 ;;
 esac

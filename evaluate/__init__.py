@@ -6,6 +6,5 @@ rewards.py       scorers: the embedded task, a reward model, code tests
 code_reward.py   code problems: one sandboxed test per assert, reward = fraction passed
 sandbox.py       isolated execution of untrusted code (child side: sandbox_child.py)
 plots.py         reward-vs-KL, bars, length histograms
-frontier.py      `python -m evaluate.frontier`: reward-KL frontiers over beta grids and seeds
-frontier_report.py  the frontier's table (Markdown, JSON, CSV) and plot
+frontier_report.py  the table (Markdown, JSON, CSV) and plot of `python -m pipelines.frontier`
 """

@@ -13,7 +13,7 @@ first one is the reference that every other model is compared with (its own row 
 baseline: win rate 1/2, KL 0). Every model samples `n` completions per held-out prompt with the
 same per-prompt seeds (generate.sample), each completion is scored, and its log-probability
 under the model and under the reference is computed from packed sequences with the no-logits
-kernel (train.train.sequence_logps over train.model.SequenceLogprobModel), on the completion
+kernel (kernels.sequence_model: sequence_logps over SequenceLogprobModel), on the completion
 as training sees it: its text re-tokenized, plus EOS (common.tokenize). For a sample cut at
 max_new_tokens (the share is reported as `at_max_new_tokens`) or one whose text does not
 re-tokenize to the sampled tokens, that sequence is not exactly a sample of the policy, and k1
@@ -152,9 +152,8 @@ def completion_logps(
     model, ref_model, prompt_ids: list[list[int]], completion_ids: list[list[list[int]]], cfg
 ) -> tuple[list[list[float]], list[list[float]]]:
     """Summed completion log-probs (EOS included) under the model and the reference."""
-    from train.data import Example, Sequence
-    from train.model import SequenceLogprobModel
-    from train.train import sequence_logps
+    from common.packing import Example, Sequence
+    from kernels.sequence_model import SequenceLogprobModel, sequence_logps
 
     examples = [
         Example([Sequence(prompt_ids[i] + ids, len(prompt_ids[i]), i)])
@@ -287,7 +286,7 @@ def write_samples(path: Path, rows: list[dict], runs: list[ModelSamples]) -> Pat
 
 
 def evaluate(cfg: EvalConfig) -> dict:
-    from generate.sample import sample_completions
+    from common.sampling import sample_completions
 
     t0 = time.perf_counter()
     device = _device(cfg.device)

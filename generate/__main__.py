@@ -50,6 +50,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    from generate.pipeline import exit_on_error
+    from generate.runner import exit_on_error
 
     exit_on_error(main, sys.argv[1:])

@@ -25,6 +25,7 @@ import random
 import sys
 
 from common.data import DataError
+from generate.runner import cli, exit_on_error, run_shard_step
 
 
 def _reward(row: dict, j: int, source: str) -> float:
@@ -127,12 +128,8 @@ def make_worker(cfg, source: str):
 
 
 def main(argv: list[str] | None = None) -> None:
-    from generate.pipeline import cli
-
-    cli("build", argv, __doc__)
+    cli("build", argv, __doc__, lambda cfg: run_shard_step(cfg, "build", make_worker))
 
 
 if __name__ == "__main__":
-    from generate.pipeline import exit_on_error
-
     exit_on_error(main, sys.argv[1:])

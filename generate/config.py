@@ -21,11 +21,11 @@ from common.config import ConfigError, choice, doc, sub
 from common.data import DataConfig
 from common.model import DTYPES, ModelConfig
 from kernels.api import LOGPROB_BACKENDS
+from kernels.sequence_model import MIXED_PRECISIONS
 
 STEPS = ("sample", "reward", "build", "ref_logps", "merge")
 REGIMES = ("pointwise", "best_worst", "random_pairs", "offline")
 SAMPLE_BACKENDS = ("auto", "transformers", "vllm")
-MIXED_PRECISIONS = ("no", "bf16", "fp16")
 
 
 @dataclass

@@ -20,10 +20,18 @@ import sys
 from pathlib import Path
 
 from common.data import write_jsonl
-from generate.shards import collect, format_summary, shard_name, summarize, write_rows_parquet
+from generate.runner import cli, exit_on_error
+from generate.shards import (
+    ShardError,
+    collect,
+    format_summary,
+    shard_name,
+    summarize,
+    write_rows_parquet,
+)
 
 
-class MergeError(RuntimeError):
+class MergeError(ShardError):
     """The shards are incomplete or inconsistent; nothing was written."""
 
 
@@ -75,12 +83,8 @@ def merge(cfg, log=print) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from generate.pipeline import cli
-
-    cli("merge", argv, __doc__)
+    cli("merge", argv, __doc__, merge)
 
 
 if __name__ == "__main__":
-    from generate.pipeline import exit_on_error
-
     exit_on_error(main, sys.argv[1:])

@@ -1,6 +1,6 @@
 r"""`python -m generate.pipeline`: the reference-data pipeline, its steps in order, for one shard.
 
-The embedded tiny task end to end, from the SFT reference that `python -m train.demo` writes
+The embedded tiny task end to end, from the SFT reference that `python -m pipelines.demo` writes
 (256 prompts x 8 samples: about 15 s for the pipeline and 15 s for QRPO on 2 CPU cores):
 
     python -m generate step=task out=runs/gen/data
@@ -30,80 +30,30 @@ the same command skips finished shards and chunks, so requeued or killed tasks r
 
 from __future__ import annotations
 
-import dataclasses
-import importlib
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from common.config import ConfigError, parse_config, to_yaml
-from common.data import DataError
-from generate.config import PipelineConfig, fingerprint, step_input
-from generate.merge import MergeError, merge, merged_step
-from generate.records import read_data_groups, units_of
-from generate.shards import (
-    ShardError,
-    assign,
-    collect,
-    resolve_shard,
-    run_shard,
-    shard_counts,
-    shard_name,
-)
+from generate import build, ref_logps, reward, sample
+from generate.config import PipelineConfig
+from generate.merge import merge, merged_step
+from generate.runner import cli, exit_on_error, log, run_shard_step
+from generate.shards import resolve_shard, shard_name
 
-
-def log(message: str) -> None:
-    print(message, flush=True)
-
-
-def read_units(
-    cfg: PipelineConfig, source: str, from_step: bool, shard: int, num_shards: int
-) -> list[list[dict]]:
-    """This shard's units (a prompt's rows) of a step's input: the step before's own shard
-    when the shard counts match, else all of it (checked complete) re-assigned; or a data file."""
-    path = Path(source)
-    counts = shard_counts(path)
-    if from_step and not counts:
-        raise ShardError(
-            f"input {path} has no shards: run step {path.name} first, or start `steps` later"
-        )
-    if not from_step:
-        groups, _ = read_data_groups(dataclasses.replace(cfg.data, path=source))
-        return assign(units_of(groups), shard, num_shards)
-    same = num_shards in counts
-    got = collect(path, num_shards if same else 0, only=shard if same else None)
-    if got.problems:
-        raise ShardError(
-            f"input {path} is not complete:\n  " + "\n  ".join(got.problems[:20]) + "\nRun that "
-            "step for every shard first."
-        )
-    units = units_of(got.rows)
-    return units if same else assign(units, shard, num_shards)
+# The sharded steps and the function that makes each one's worker; merge runs after them.
+STEP_WORKERS = {
+    "sample": sample.make_worker,
+    "reward": reward.make_worker,
+    "build": build.make_worker,
+    "ref_logps": ref_logps.make_worker,
+}
 
 
 def run_step(cfg: PipelineConfig, step: str, log: Callable[[str], None] = log):
     """One step for this process's shard (merge: for all shards); returns its manifest or file."""
     if step == "merge":
         return merge(cfg, log)
-    shard, num_shards = resolve_shard(cfg.shard, cfg.num_shards)
-    source, from_step = step_input(cfg, step)
-    module = importlib.import_module(f"generate.{step}")
-    folder = Path(cfg.out) / step / shard_name(shard, num_shards)
-    if not (folder / "manifest.json").is_file():
-        log(f"{step} {folder.name}: input {source}, output {folder}")
-    return run_shard(
-        step,
-        Path(cfg.out),
-        shard,
-        num_shards,
-        units=lambda: read_units(cfg, source, from_step, shard, num_shards),
-        chunk_size=cfg.chunk_size,
-        config=fingerprint(cfg, step),
-        # Rows keep their row in the pipeline's first input (source_row): errors name that file.
-        make_worker=lambda: module.make_worker(cfg, cfg.data.path or source),
-        log=log,
-        resolved_config=to_yaml(cfg),
-    )
+    return run_shard_step(cfg, step, STEP_WORKERS[step], log)
 
 
 def run_pipeline(cfg: PipelineConfig, log: Callable[[str], None] = log) -> dict:
@@ -129,27 +79,8 @@ def run_pipeline(cfg: PipelineConfig, log: Callable[[str], None] = log) -> dict:
     return results
 
 
-def cli(step: str, argv: list[str] | None, description: str):
-    """Command-line entry of one step (or `pipeline`): the shared config tree, then the step."""
-    cfg = parse_config(
-        PipelineConfig, argv, prog=f"python -m generate.{step}", description=description
-    )
-    if step == "pipeline":
-        return run_pipeline(cfg)
-    return run_step(cfg, step)
-
-
-def exit_on_error(main: Callable[[list[str]], object], argv: list[str]) -> None:
-    """Run a step's main; a known failure ends with its message and exit code 2, no traceback."""
-    try:
-        main(argv)
-    except (ConfigError, DataError, ShardError, MergeError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
-
-
 def main(argv: list[str] | None = None) -> None:
-    cli("pipeline", argv, __doc__)
+    cli("pipeline", argv, __doc__, run_pipeline)
 
 
 if __name__ == "__main__":

@@ -5,9 +5,9 @@ r"""Step 3, `python -m generate.ref_logps`: summed reference log-probs of every 
 
 With precomputed log-probs, training holds no reference model (`ref.source=data`). They must be
 what the training loop would compute at step 0, so this step runs the training loop's own code:
-common.tokenize for the tokens (completion + EOS), `train.model.SequenceLogprobModel` (the
-no-logits kernel `kernels.sequence_logprobs`) and `train.train.sequence_logps` over
-`train.data.pack`/`collate` micro-batches. Give it the training run's model, dtype, kernel
+common.tokenize for the tokens (completion + EOS), `kernels.sequence_model.SequenceLogprobModel`
+(the no-logits kernel `kernels.sequence_logprobs`) and its `sequence_logps` over
+`common.packing.pack`/`collate` micro-batches, under the loop's autocast policy. Give it the training run's model, dtype, kernel
 backend and mixed precision; the loop checks the first `ref.check_rows` rows against the start
 policy before training. Nothing is truncated here: rows over the training run's
 data.max_length are the training run's to drop or refuse.
@@ -19,21 +19,18 @@ that is every training completion; before it, every sample.
 from __future__ import annotations
 
 import sys
-from contextlib import nullcontext
 
 import torch
 
 from common.data import DataConfig
 from common.tokenize import tokenize_rows
-
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+from generate.runner import cli, exit_on_error, run_shard_step
 
 
 def make_worker(cfg, source: str):
     from common.model import load_model, load_tokenizer
-    from train.data import Example, Sequence
-    from train.model import SequenceLogprobModel
-    from train.train import sequence_logps
+    from common.packing import Example, Sequence
+    from kernels.sequence_model import SequenceLogprobModel, autocast, sequence_logps
 
     rc = cfg.ref_logps
     if rc.device == "auto":
@@ -49,18 +46,13 @@ def make_worker(cfg, source: str):
         if not rows:
             return [], 0
         tokenized, _ = tokenize_rows(rows, tokenizer, no_limit, source)
-        # One example per completion, built as train.data.build_examples builds a sequence.
+        # One example per completion, built as the training loop builds a sequence.
         examples = [
             Example([Sequence(r["prompt_ids"] + c["completion_ids"], len(r["prompt_ids"]), 0)])
             for r in tokenized
             for c in r["completions"]
         ]
-        autocast = (
-            torch.autocast(device.type, dtype=_DTYPES[rc.mixed_precision])
-            if rc.mixed_precision != "no"
-            else nullcontext()
-        )
-        with autocast:
+        with autocast(device, rc.mixed_precision):
             logps = sequence_logps(model, examples, rc.micro_batch_tokens, device).cpu().tolist()
         values = iter(logps)
         out = [
@@ -73,12 +65,8 @@ def make_worker(cfg, source: str):
 
 
 def main(argv: list[str] | None = None) -> None:
-    from generate.pipeline import cli
-
-    cli("ref_logps", argv, __doc__)
+    cli("ref_logps", argv, __doc__, lambda cfg: run_shard_step(cfg, "ref_logps", make_worker))
 
 
 if __name__ == "__main__":
-    from generate.pipeline import exit_on_error
-
     exit_on_error(main, sys.argv[1:])

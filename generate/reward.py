@@ -31,6 +31,7 @@ import torch
 
 from common.data import DataError
 from generate.records import info_of, prompt_of
+from generate.runner import cli, exit_on_error, run_shard_step
 
 # items: (prompt, completion, info) per completion -> one reward each
 Scorer = Callable[[list[tuple[object, str, dict]]], list[float]]
@@ -240,12 +241,8 @@ def make_worker(cfg, source: str):
 
 
 def main(argv: list[str] | None = None) -> None:
-    from generate.pipeline import cli
-
-    cli("reward", argv, __doc__)
+    cli("reward", argv, __doc__, lambda cfg: run_shard_step(cfg, "reward", make_worker))
 
 
 if __name__ == "__main__":
-    from generate.pipeline import exit_on_error
-
     exit_on_error(main, sys.argv[1:])

@@ -185,7 +185,7 @@ def submit(args: LaunchArgs) -> list:
 
 def submit_runs(cfg: SlurmConfig, base: str, runs: list[Run]) -> list:
     """Submit checked runs (one job, or one array for several); `base` holds the array's
-    submitit folder. Runs need not share a config: evaluate.frontier submits every algorithm's
+    submitit folder. Runs need not share a config: pipelines.frontier submits every algorithm's
     grid as one array."""
     check_cluster(cfg)
     accelerate_config = check_accelerate_config(cfg)

@@ -11,9 +11,9 @@ import torch
 from common.attention import bucket_plan, choose_attention
 from common.config import ConfigError, build_config
 from common.model import ModelConfig, load_model
+from common.packing import Example, Sequence, collate
+from kernels.sequence_model import SequenceLogprobModel
 from train.config import TrainConfig
-from train.data import Example, Sequence, collate
-from train.model import SequenceLogprobModel
 
 CUDA = torch.cuda.is_available()
 

@@ -22,7 +22,7 @@ def run_trl(cfg, meta: dict) -> dict:
     from trl import DPOConfig, DPOTrainer
 
     from common.attention import choose_attention
-    from train.bench import StepClock, summarize
+    from train.bench_report import StepClock, throughput
 
     work, sys_dir = Path(cfg.out) / "work", Path(cfg.out) / "systems" / "trl_dpo"
     cuda = torch.cuda.is_available()
@@ -88,5 +88,5 @@ def run_trl(cfg, meta: dict) -> dict:
         "reference": "on the fly",
         "flops_per_token": meta["flops_per_token"]["with_reference"],
         "trl_attention": attn,
-        **summarize(clock.stamps, tokens, cfg.warmup),
+        **throughput(clock.stamps, tokens, cfg.warmup),
     }

@@ -11,12 +11,12 @@ from common.model import ModelConfig
 from kernels.api import LOGPROB_BACKENDS
 from kernels.partition import EMPIRICAL_ESTIMATORS, PARTITIONS
 from kernels.qrpo import ESTIMATORS, LOSS_TYPES, TRANSFORMS
+from kernels.sequence_model import MIXED_PRECISIONS
 
 ALGORITHMS = ("sft", "qrpo", "dpo", "simpo", "rebel", "kto", "dro", "rpo_partition")
 PAIR_ALGORITHMS = ("dpo", "simpo", "rebel")
 REFERENCE_FREE = ("sft", "simpo")
 REFERENCE_SOURCES = ("auto", "data", "model")
-MIXED_PRECISIONS = ("no", "bf16", "fp16")
 RESUME_MODES = ("auto", "force", "never")
 
 

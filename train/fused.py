@@ -19,8 +19,8 @@ from collections.abc import Callable
 
 import torch
 
+from common.packing import Batch
 from train.config import PAIR_ALGORITHMS
-from train.data import Batch
 
 FUSED_ALGORITHMS = ("sft", "qrpo", "dpo", "simpo", "rebel")
 

@@ -25,22 +25,15 @@ from common.config import ConfigError, to_yaml
 from common.data import DataError, load_canonical
 from common.flops import measure_peak_tflops, peak_memory_gb, train_flops_per_token
 from common.model import ModelConfig, load_model, load_tokenizer
+from common.packing import Batch, Example, collate, pack
 from common.tokenize import tokenize_rows
+from kernels.sequence_model import SequenceLogprobModel, compute_dtype, sequence_logps
 from train import losses
 from train.accelerator import freeze_reference, make_accelerator, make_optimizer
 from train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from train.config import PAIR_ALGORITHMS, REFERENCE_FREE, TrainConfig
-from train.data import (
-    Batch,
-    Example,
-    build_examples,
-    collate,
-    global_batch_indices,
-    mismatched,
-    pack,
-)
+from train.data import build_examples, global_batch_indices, mismatched
 from train.fused import fused_head_applies, fused_micro_batch_loss
-from train.model import SequenceLogprobModel
 from train.preemption import PreemptionFlag
 from train.profiling import StepProfiler
 from train.resume import apply_new_values, describe, plan_resume, record_start, schedule_length
@@ -87,18 +80,6 @@ def reference_source(cfg: TrainConfig, examples: list[Example]) -> str:
             f"ref.source=data but sequence {first} has no precomputed reference log-prob",
         )
     return "data"
-
-
-@torch.no_grad()
-def sequence_logps(
-    model: torch.nn.Module, examples: list[Example], token_budget: int, device: torch.device
-) -> torch.Tensor:
-    """Summed completion log-probs of every sequence of `examples`, in order (no gradient)."""
-    out = []
-    for group in pack(examples, token_budget):
-        b = collate(group, device)
-        out.append(model(*b.model_inputs()).float())
-    return torch.cat(out) if out else torch.zeros(0, device=device)
 
 
 def check_precomputed_reference(policy, examples, cfg: TrainConfig, device) -> float:
@@ -248,7 +229,7 @@ def train(cfg: TrainConfig) -> dict:
         ref_model = SequenceLogprobModel(
             load_model(ref_cfg, device, log=log), cfg.loss.kernel_backend
         )
-        ref_model = freeze_reference(ref_model.to(device), _compute_dtype(cfg))
+        ref_model = freeze_reference(ref_model.to(device), compute_dtype(cfg.run.mixed_precision))
     elif ref_source == "data":
         with accelerator.autocast():  # the same precision as the loop's own forward
             gap = check_precomputed_reference(policy.eval(), examples, cfg, device)
@@ -505,10 +486,6 @@ def _partition_values(cfg, examples, ref_model, device, num_prompts) -> torch.Te
         tau=cfg.loss.tau,
     )
     return values.float().to(device)
-
-
-def _compute_dtype(cfg: TrainConfig) -> torch.dtype | None:
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.run.mixed_precision)
 
 
 def _flat(cfg: TrainConfig) -> dict:

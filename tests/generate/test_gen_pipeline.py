@@ -21,9 +21,9 @@ from generate.config import PipelineConfig
 from generate.merge import MergeError
 from generate.pipeline import run_pipeline, run_step
 from generate.shards import read_rows_parquet, write_rows_parquet
+from kernels.sequence_model import SequenceLogprobModel, sequence_logps
 from train.config import TrainConfig
-from train.model import SequenceLogprobModel
-from train.train import load_examples, sequence_logps, train
+from train.train import load_examples, train
 
 ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent

@@ -12,13 +12,13 @@ import torch
 from common.config import build_config
 from common.data import DataConfig, DataError, load_canonical
 from common.model import ModelConfig, load_model, load_tokenizer
+from common.sampling import generate_samples, sample_completions
 from common.tiny import TASK
 from generate.build import build_rows
 from generate.config import PipelineConfig
 from generate.pipeline import run_pipeline, run_step
 from generate.records import read_data_groups
 from generate.reward import REWARDS, register_reward
-from generate.sample import generate_samples, sample_completions
 from generate.shards import ShardError, read_rows_parquet, resolve_shard
 
 QUIET = lambda *_: None  # noqa: E731

@@ -6,9 +6,9 @@ import random
 import torch
 
 from common.model import ModelConfig, load_model
+from common.packing import Example, Sequence, collate
+from kernels.sequence_model import SequenceLogprobModel
 from train.accelerator import freeze_reference
-from train.data import Example, Sequence, collate
-from train.model import SequenceLogprobModel
 
 
 def test_reference_in_compute_dtype_equals_autocast_of_fp32_weights():

@@ -12,16 +12,14 @@ import pytest
 
 from common.config import ConfigError, build_config
 from common.tokenize import encode_completion, encode_prompt
-from train.bench import (
+from train.bench import run
+from train.bench_report import goals, plot, table
+from train.bench_workload import (
     BenchConfig,
     build_tokenizer,
-    goals,
     pair_tokens,
-    plot,
     resolve,
-    run,
     synthetic_pairs,
-    table,
 )
 
 TINY = [

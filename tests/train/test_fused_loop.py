@@ -15,11 +15,11 @@ import kernels
 import kernels.fused_head
 from common.config import build_config
 from common.model import load_model
+from common.packing import collate
 from common.tiny import TASK
+from kernels.sequence_model import SequenceLogprobModel
 from train.config import TrainConfig
-from train.data import collate
 from train.fused import fused_head_applies
-from train.model import SequenceLogprobModel
 from train.train import load_examples, micro_batch_loss
 
 

@@ -16,11 +16,11 @@ import torch
 
 from common.config import build_config
 from common.data import DataError
+from common.packing import collate, pack
 from common.tiny import TASK
+from kernels.sequence_model import SequenceLogprobModel, sequence_logps
 from train.config import TrainConfig
-from train.data import collate, pack
-from train.model import SequenceLogprobModel
-from train.train import TrainingError, load_examples, sequence_logps, train
+from train.train import TrainingError, load_examples, train
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -1,12 +1,12 @@
 """Reward-KL frontiers: every algorithm trained over a grid of beta, for several seeds, each run
 evaluated on held-out prompts against the same reference samples.
 
-    python -m evaluate.frontier                                  # the embedded default, CPU
-    python -m evaluate.frontier seeds=[0] only=[qrpo_identity,dpo] out=runs/frontier_small
-    python -m evaluate.frontier --config configs/frontier/qrpo_k.yaml   # curves from a YAML
-    python -m evaluate.frontier slurm=true slurm_args=[partition=cpu,gpus_per_node=0,time=30]
+    python -m pipelines.frontier                                  # the embedded default, CPU
+    python -m pipelines.frontier seeds=[0] only=[qrpo_identity,dpo] out=runs/frontier_small
+    python -m pipelines.frontier --config configs/frontier/qrpo_k.yaml   # curves from a YAML
+    python -m pipelines.frontier slurm=true slurm_args=[partition=cpu,gpus_per_node=0,time=30]
 
-Per seed it writes the task data, SFTs the reference (the demo's recipe, train/demo.py) and runs
+Per seed it writes the task data, SFTs the reference (the demo's recipe, pipelines/demo.py) and runs
 the generate pipeline once per K (reference samples per training prompt): pointwise rows for
 QRPO, best/worst pairs for DPO, SimPO, REBEL and KTO. Every run of that seed starts from that
 reference and trains on that data. A curve is a name, a training config, a list of overrides, a
@@ -431,13 +431,13 @@ def main(argv: list[str] | None = None) -> None:
     cfg = parse_config(
         FrontierConfig,
         argv,
-        prog="python -m evaluate.frontier",
+        prog="python -m pipelines.frontier",
         description="Reward-KL frontiers: each algorithm over a grid of beta, several seeds.",
     )
     try:
         run(cfg)
     except ConfigError as err:
-        print(f"python -m evaluate.frontier: error: {err}", file=sys.stderr)
+        print(f"python -m pipelines.frontier: error: {err}", file=sys.stderr)
         sys.exit(2)
 
 

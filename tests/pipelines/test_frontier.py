@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from common.config import ConfigError, build_config
-from evaluate.frontier import FrontierConfig, reference_samples_hash, run
+from pipelines.frontier import FrontierConfig, reference_samples_hash, run
 from train.config import LossConfig
 
 ROOT = Path(__file__).resolve().parents[2]

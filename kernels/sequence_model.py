@@ -1,20 +1,42 @@
-"""The policy as the losses see it: packed tokens in, one summed log-prob per sequence out.
+"""A causal LM as the losses see it: packed tokens in, one summed log-prob per sequence out.
 
 The backbone returns final hidden states; `kernels.sequence_logprobs` combines them with the LM
-head weight in tiles, so the [tokens x vocab] logits never exist. Everything happens inside this
-module's `forward()`, which is what DDP and FSDP2 wrap: under FSDP2 the head weight is gathered
-for this forward like any other parameter (a call outside forward would see a sharded DTensor
-beside plain tensors). The packed row's boundaries reach the attention path chosen at load time
-(common/attention.py), so attention costs the sequences' squares, not the row's.
+head weight in tiles, so the [tokens x vocab] logits never exist. Everything happens inside
+`SequenceLogprobModel.forward()`, which is what DDP and FSDP2 wrap: under FSDP2 the head weight is
+gathered for this forward like any other parameter (a call outside forward would see a sharded
+DTensor beside plain tensors). The packed row's boundaries reach the attention path chosen at load
+time (common/attention.py), so attention costs the sequences' squares, not the row's.
+
+Training, reference log-probs (generate) and evaluation all score through this module and
+`sequence_logps`, with the same precision policy (`autocast`), so a precomputed reference equals
+what the loop would compute.
 """
 
 from __future__ import annotations
+
+from contextlib import AbstractContextManager, nullcontext
 
 import torch
 from torch import nn
 
 import kernels
 from common.attention import packing_kwargs
+from common.packing import Example, collate, pack
+
+# `run.mixed_precision` / `ref_logps.mixed_precision` values and the autocast dtype of each.
+MIXED_PRECISIONS = ("no", "bf16", "fp16")
+_COMPUTE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def compute_dtype(mixed_precision: str) -> torch.dtype | None:
+    """The autocast dtype of a mixed-precision setting; None for "no"."""
+    return _COMPUTE_DTYPES.get(mixed_precision)
+
+
+def autocast(device: torch.device, mixed_precision: str) -> AbstractContextManager:
+    """Autocast as accelerate applies it in the training loop, for code outside the loop."""
+    dtype = compute_dtype(mixed_precision)
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
 
 
 class SequenceLogprobModel(nn.Module):
@@ -41,8 +63,8 @@ class SequenceLogprobModel(nn.Module):
         """Summed log-probs [S] of the packed row's sequences. `score_index` lists the positions
         whose next token counts (completion tokens), `score_targets` those tokens, and
         `score_cu_seqlens` the sequence boundaries among them; `cu_seqlens` and `max_seqlen`
-        are the sequences' boundaries in the row, for varlen attention (see train.data.collate).
-        With `fused` (loss_fn, group_size, host_cu_seqlens: train/fused.py) it returns
+        are the sequences' boundaries in the row, for varlen attention (see
+        common.packing.collate). With `fused` (loss_fn, group_size, host_cu_seqlens) it returns
         (loss, detached log-probs) of the fused head+loss pass instead; it goes through
         forward() so that DDP and FSDP2 see the call."""
         packing = packing_kwargs(self.model.config._attn_implementation, cu_seqlens, max_seqlen)
@@ -69,3 +91,15 @@ class SequenceLogprobModel(nn.Module):
             if fused:
                 return kernels.fused_head_loss(*args, **options, **fused)
             return kernels.sequence_logprobs(*args, **options)
+
+
+@torch.no_grad()
+def sequence_logps(
+    model: nn.Module, examples: list[Example], token_budget: int, device: torch.device
+) -> torch.Tensor:
+    """Summed completion log-probs of every sequence of `examples`, in order (no gradient)."""
+    out = []
+    for group in pack(examples, token_budget):
+        b = collate(group, device)
+        out.append(model(*b.model_inputs()).float())
+    return torch.cat(out) if out else torch.zeros(0, device=device)

@@ -3,7 +3,7 @@
 import json
 
 from common.config import build_config
-from train.demo import DemoConfig, run
+from pipelines.demo import DemoConfig, run
 
 
 def test_reduced_demo_runs_the_whole_pipeline(tmp_path, monkeypatch):

@@ -1,8 +1,8 @@
 """The main job on the embedded default: SFT a reference, sample and score it, train QRPO and DPO
 from it, and compare all three on held-out prompts. About two minutes on two CPU cores.
 
-    python -m train.demo                     # everything under runs/demo
-    python -m train.demo out=runs/demo2 k=16 qrpo_beta=0.1
+    python -m pipelines.demo                     # everything under runs/demo
+    python -m pipelines.demo out=runs/demo2 k=16 qrpo_beta=0.1
 """
 
 from __future__ import annotations
@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> None:
         parse_config(
             DemoConfig,
             argv,
-            prog="python -m train.demo",
+            prog="python -m pipelines.demo",
             description="SFT -> sample -> QRPO and DPO -> compare, on the tiny task.",
         )
     )

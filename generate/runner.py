@@ -1,0 +1,101 @@
+"""Running one step of the generation pipeline on this process's shard, and the steps' CLI.
+
+The step modules (sample, reward, build, ref_logps, merge) hand their own `make_worker` or merge
+function to this module; generate/pipeline.py names the steps in order. So a step module imports
+this runner and the pipeline imports the steps, never the other way round.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from common.config import ConfigError, parse_config, to_yaml
+from common.data import DataError
+from generate.config import PipelineConfig, fingerprint, step_input
+from generate.records import read_data_groups, units_of
+from generate.shards import (
+    ShardError,
+    assign,
+    collect,
+    resolve_shard,
+    run_shard,
+    shard_counts,
+    shard_name,
+)
+
+MakeWorker = Callable[[PipelineConfig, str], Callable]
+
+
+def log(message: str) -> None:
+    print(message, flush=True)
+
+
+def read_units(
+    cfg: PipelineConfig, source: str, from_step: bool, shard: int, num_shards: int
+) -> list[list[dict]]:
+    """This shard's units (a prompt's rows) of a step's input: the step before's own shard
+    when the shard counts match, else all of it (checked complete) re-assigned; or a data file."""
+    path = Path(source)
+    counts = shard_counts(path)
+    if from_step and not counts:
+        raise ShardError(
+            f"input {path} has no shards: run step {path.name} first, or start `steps` later"
+        )
+    if not from_step:
+        groups, _ = read_data_groups(dataclasses.replace(cfg.data, path=source))
+        return assign(units_of(groups), shard, num_shards)
+    same = num_shards in counts
+    got = collect(path, num_shards if same else 0, only=shard if same else None)
+    if got.problems:
+        raise ShardError(
+            f"input {path} is not complete:\n  " + "\n  ".join(got.problems[:20]) + "\nRun that "
+            "step for every shard first."
+        )
+    units = units_of(got.rows)
+    return units if same else assign(units, shard, num_shards)
+
+
+def run_shard_step(
+    cfg: PipelineConfig, step: str, make_worker: MakeWorker, log: Callable[[str], None] = log
+):
+    """One sharded step for this process's shard; returns its manifest."""
+    shard, num_shards = resolve_shard(cfg.shard, cfg.num_shards)
+    source, from_step = step_input(cfg, step)
+    folder = Path(cfg.out) / step / shard_name(shard, num_shards)
+    if not (folder / "manifest.json").is_file():
+        log(f"{step} {folder.name}: input {source}, output {folder}")
+    return run_shard(
+        step,
+        Path(cfg.out),
+        shard,
+        num_shards,
+        units=lambda: read_units(cfg, source, from_step, shard, num_shards),
+        chunk_size=cfg.chunk_size,
+        config=fingerprint(cfg, step),
+        # Rows keep their row in the pipeline's first input (source_row): errors name that file.
+        make_worker=lambda: make_worker(cfg, cfg.data.path or source),
+        log=log,
+        resolved_config=to_yaml(cfg),
+    )
+
+
+def cli(
+    step: str, argv: list[str] | None, description: str, run: Callable[[PipelineConfig], object]
+):
+    """Command-line entry of one step (or `pipeline`): the shared config tree, then `run`."""
+    cfg = parse_config(
+        PipelineConfig, argv, prog=f"python -m generate.{step}", description=description
+    )
+    return run(cfg)
+
+
+def exit_on_error(main: Callable[[list[str]], object], argv: list[str]) -> None:
+    """Run a step's main; a known failure ends with its message and exit code 2, no traceback."""
+    try:
+        main(argv)
+    except (ConfigError, DataError, ShardError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
