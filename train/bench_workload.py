@@ -143,7 +143,7 @@ def resolve(cfg: BenchConfig) -> BenchConfig:
 # --------------------------------------------------------------------------- model and data
 
 
-def build_tokenizer(vocab_size: int):
+def word_tokenizer(vocab_size: int):
     """Word-level tokenizer: specials, then words t0..t{V-5}; whitespace splits words, so every
     word is one token. Encoding adds BOS (like Llama's); EOS is added to completions by each
     trainer. A string '</s>' inside text is the EOS token (TRL appends it as text)."""
@@ -235,10 +235,11 @@ def prepare(cfg: BenchConfig) -> dict:
     """Model, tokenizer, data (with and without reference log-probs), FLOP counts and the peak;
     in its own subprocess, so no system's process pays for it."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     from common.flops import measure_peak_tflops, train_flops_per_token
     from common.model import load_model
+    from common.tiny import model_config
     from kernels.sequence_model import SequenceLogprobModel, sequence_logps
     from train.train import load_examples
 
@@ -247,9 +248,10 @@ def prepare(cfg: BenchConfig) -> dict:
         raise ConfigError("workload=gpu needs a CUDA device")
     work = Path(cfg.out) / "work"
     shutil.rmtree(work, ignore_errors=True)
-    tokenizer = build_tokenizer(cfg.vocab_size)
-    model_cfg = LlamaConfig(
-        vocab_size=cfg.vocab_size,
+    tokenizer = word_tokenizer(cfg.vocab_size)
+    # The tiny model's Llama config (common/tiny.py) at the workload's sizes.
+    model_cfg = model_config(
+        cfg.vocab_size,
         hidden_size=cfg.hidden_size,
         intermediate_size=cfg.intermediate_size,
         num_hidden_layers=cfg.num_layers,
@@ -257,7 +259,6 @@ def prepare(cfg: BenchConfig) -> dict:
         num_key_value_heads=cfg.num_kv_heads,
         max_position_embeddings=max(2048, cfg.max_length),
         tie_word_embeddings=cfg.tie_embeddings,
-        rms_norm_eps=1e-5,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,

@@ -16,10 +16,10 @@ from train.bench import run
 from train.bench_report import goals, plot, table
 from train.bench_workload import (
     BenchConfig,
-    build_tokenizer,
     pair_tokens,
     resolve,
     synthetic_pairs,
+    word_tokenizer,
 )
 
 TINY = [
@@ -133,7 +133,7 @@ def test_trl_dpo_trainer_counts_the_same_tokens(report):
 
 def test_synthetic_text_has_exact_token_lengths():
     cfg = resolve(build_config(BenchConfig, None, TINY))
-    tokenizer = build_tokenizer(cfg.vocab_size)
+    tokenizer = word_tokenizer(cfg.vocab_size)
     assert len(tokenizer) == cfg.vocab_size
     for row in synthetic_pairs(cfg, 20):
         prompt = encode_prompt(tokenizer, row["prompt"], [])
