@@ -1,4 +1,4 @@
-"""Evaluation metrics (REFERENCE.md section 5), in float64 on plain lists.
+"""Evaluation metrics (docs/methods.md, section 4), in float64 on plain lists.
 
 - win rates against the reference (ties count one half);
 - a length-controlled reward: rewards regressed on standardised length over the reference's

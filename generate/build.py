@@ -4,7 +4,7 @@
 
 Every row carries its prompt's reference rewards; a completion that is itself a reference sample
 keeps its `ref_index` (the leave-one-out estimator, `loss.exclude_self`), and `ref_logp` when
-computed. Regimes (REFERENCE.md section 2):
+computed. Regimes (docs/methods.md, section 2):
 
 - pointwise:    every non-empty reference sample of a prompt, one row per prompt (QRPO, KTO, ...);
 - best_worst:   the best and the worst sample as chosen/rejected (prompts whose samples all tie
