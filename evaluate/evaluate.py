@@ -41,7 +41,7 @@ from common.tiny import TINY_NAME
 from common.tokenize import encode_completion, encode_prompt
 from evaluate import metrics, plots
 from evaluate.rewards import RewardConfig, make_scorer
-from kernels.api import LOGPROB_BACKENDS
+from kernels.logprobs_api import LOGPROB_BACKENDS
 
 LENGTH_UNITS = ("tokens", "words", "chars")
 

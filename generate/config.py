@@ -20,7 +20,7 @@ from pathlib import Path
 from common.config import ConfigError, choice, doc, sub
 from common.data import DataConfig
 from common.model import DTYPES, ModelConfig
-from kernels.api import LOGPROB_BACKENDS
+from kernels.logprobs_api import LOGPROB_BACKENDS
 
 STEPS = ("sample", "reward", "build", "ref_logps", "merge")
 REGIMES = ("pointwise", "best_worst", "random_pairs", "offline")
