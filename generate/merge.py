@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 from common.data import write_jsonl
-from generate.shards import collect, format_summary, shard_name, summarize, write_rows_parquet
+from generate.shards import collect, format_summary, row_stats, shard_name, write_rows_parquet
 
 
 class MergeError(RuntimeError):
@@ -69,7 +69,7 @@ def merge(cfg, log=print) -> Path:
     else:
         write_rows_parquet(got.rows, output)
     log(
-        format_summary(f"merged {step}, {got.num_shards} shard(s) -> {output}", summarize(got.rows))
+        format_summary(f"merged {step}, {got.num_shards} shard(s) -> {output}", row_stats(got.rows))
     )
     return output
 
