@@ -15,13 +15,8 @@ import pytest
 
 from evaluate.code_reward import CodeProblem, run_tests, split_tests
 from evaluate.metrics import pass_at_k
-from evaluate.sandbox import (
-    Sandbox,
-    SandboxConfig,
-    SandboxError,
-    session_processes,
-    uid_processes,
-)
+from evaluate.sandbox import Sandbox, SandboxConfig, SandboxError
+from evaluate.sandbox_processes import session_processes, uid_processes
 
 
 @pytest.fixture(scope="module")
