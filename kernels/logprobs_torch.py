@@ -2,72 +2,18 @@
 
 Computes the same quantity as the naive reference (kernels/reference.py) but never holds more
 than one [C, V_slice] tile of logits: forward keeps only the per-token log-sum-exp, backward
-recomputes the logits chunk by chunk and accumulates dW (and db) in fp32.
+recomputes the logits chunk by chunk and accumulates dW (and db) in fp32. Its chunk sizes are
+`ChunkConfig` in kernels/tiles.py.
 """
 
 from __future__ import annotations
-
-import contextlib
-from collections.abc import Iterator
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from common.constants import IGNORE_INDEX
 from kernels.segments import PackedTargets, accumulation_dtype, segment_sum
-
-
-@dataclass(frozen=True)
-class ChunkConfig:
-    """Tile sizes of the chunked torch backend.
-
-    Memory math: the largest temporaries are one [C, V_slice] tile in the accumulation dtype (two
-    in backward with softcap, which keeps tanh for the chain rule). With the CPU default (4M
-    elements = 16 MiB fp32 per tile) the measured peak extra memory of forward + backward at
-    N=4096, V=32000, D=256 fp32 is ~16 MiB, against 524 MB for the full logits. Half-precision
-    weights are upcast one vocab slice at a time (torch on CPU has no bf16 matmul with fp32
-    output): a slice holds at most `max_weight_slice_elements` fp32 values. On CUDA, where this
-    backend is only the fallback, tiles are larger (64M elements = 256 MiB) for GEMM efficiency.
-    """
-
-    max_tile_elements: int = 4 * 2**20
-    max_weight_slice_elements: int = 4 * 2**20
-    chunk_tokens: int | None = None  # explicit token chunk (tests use tiny ones)
-    vocab_slice: int | None = None  # explicit vocab slice; by default only half weights are sliced
-
-    def plan(self, num_tokens: int, vocab: int, dim: int, dtype: torch.dtype) -> tuple[int, int]:
-        """(token chunk C, vocab slice Vs) for these shapes."""
-        if self.vocab_slice is not None:
-            v_slice = min(vocab, self.vocab_slice)
-        elif dtype in (torch.float32, torch.float64):
-            v_slice = vocab  # no upcast needed: one slice, W used in place
-        else:
-            v_slice = min(vocab, max(1, self.max_weight_slice_elements // max(dim, 1)))
-        chunk = self.chunk_tokens or max(1, self.max_tile_elements // v_slice)
-        return max(1, min(chunk, max(num_tokens, 1))), max(1, v_slice)
-
-
-CPU_CHUNKS = ChunkConfig()
-CUDA_CHUNKS = ChunkConfig(max_tile_elements=64 * 2**20, max_weight_slice_elements=64 * 2**20)
-_OVERRIDE: ChunkConfig | None = None
-
-
-def chunk_config(device: torch.device) -> ChunkConfig:
-    if _OVERRIDE is not None:
-        return _OVERRIDE
-    return CUDA_CHUNKS if device.type == "cuda" else CPU_CHUNKS
-
-
-@contextlib.contextmanager
-def use_chunk_config(config: ChunkConfig) -> Iterator[None]:
-    """Temporarily replace the chunk sizes (tests use tiny chunks to exercise many of them)."""
-    global _OVERRIDE
-    previous, _OVERRIDE = _OVERRIDE, config
-    try:
-        yield
-    finally:
-        _OVERRIDE = previous
+from kernels.tiles import chunk_config
 
 
 def _slice_logits(h: Tensor, w: Tensor, b: Tensor | None, scale: float) -> Tensor:

@@ -20,8 +20,8 @@ import torch.nn.functional as F
 
 from common.constants import IGNORE_INDEX
 from kernels import sequence_logprobs
-from kernels.logprobs_torch import ChunkConfig, use_chunk_config
 from kernels.logprobs_triton import TritonConfig, use_config
+from kernels.tiles import ChunkConfig, use_chunk_config
 
 # Triton on CPU tensors needs the interpreter (set by tests/conftest.py when there is no CUDA);
 # on a CUDA machine the same paths are covered by the `gpu` tests at the end of this file.
