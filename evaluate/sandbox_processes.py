@@ -6,6 +6,7 @@ import os
 import select
 import signal
 import subprocess
+from collections.abc import Iterator
 from contextlib import suppress
 from pathlib import Path
 
@@ -13,36 +14,36 @@ from pathlib import Path
 def session_processes(sid: int) -> list[int]:
     """Live (not zombie) processes whose session id is `sid`."""
     out = []
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat", "rb") as f:
-                fields = f.read().rsplit(b")", 1)[1].split()
-        except OSError:
-            continue
+    for pid, stat in _each_process("stat"):
+        fields = stat.rsplit(b")", 1)[1].split()  # after the command name, which may hold spaces
         if int(fields[3]) == sid and fields[0] not in (b"Z", b"X"):
-            out.append(int(name))
+            out.append(pid)
     return out
 
 
 def uid_processes(uid: int) -> list[int]:
     """Live processes whose real uid is `uid`."""
     out = []
+    for pid, text in _each_process("status"):
+        status = dict(line.split(b":", 1) for line in text.splitlines() if b":" in line)
+        if status.get(b"State", b"").strip()[:1] in (b"Z", b"X"):
+            continue
+        if int(status.get(b"Uid", b"-1").split()[0]) == uid:
+            out.append(pid)
+    return out
+
+
+def _each_process(file: str) -> Iterator[tuple[int, bytes]]:
+    """(pid, /proc/<pid>/<file>) of every process, skipping those that end while being read."""
     for name in os.listdir("/proc"):
         if not name.isdigit():
             continue
         try:
-            with open(f"/proc/{name}/status", "rb") as f:
-                lines = f.read().splitlines()
+            with open(f"/proc/{name}/{file}", "rb") as f:
+                text = f.read()
         except OSError:
             continue
-        status = dict(line.split(b":", 1) for line in lines if b":" in line)
-        if status.get(b"State", b"").strip()[:1] in (b"Z", b"X"):
-            continue
-        if int(status.get(b"Uid", b"-1").split()[0]) == uid:
-            out.append(int(name))
-    return out
+        yield int(name), text
 
 
 def wait_exit(proc: subprocess.Popen, timeout: float) -> bool:
