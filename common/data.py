@@ -60,6 +60,8 @@ from common.rows import (  # noqa: F401  (re-exported: the schema's names live h
 FORMATS = ("auto", "grouped", "pairs", "pointwise", "canonical")
 TOO_LONG = ("error", "drop")
 SUFFIXES = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+# Columns that mark a file as data with completions; a file with none of them is prompts-only.
+COMPLETION_COLUMNS = {"responses", "chosen", "rejected", "completion", "completions"}
 
 
 @dataclass
@@ -150,13 +152,28 @@ def read_located_rows(path: str, split: str = "train") -> tuple[list, list[tuple
     return rows, origins, str(local)
 
 
-def read_rows(path: str, split: str = "train") -> tuple[list, str]:
-    """Rows as Python dicts, through `datasets`; returns (rows, source name for messages)."""
-    rows, _, source = read_located_rows(path, split)
-    return rows, source
+def read_data(
+    cfg: DataConfig, *, allow_prompts_only: bool = False
+) -> tuple[list, list[tuple[str, int]], str, str]:
+    """The rows of cfg.path (at most cfg.max_rows), each with its (file, row in that file), the
+    source name, and the format: cfg.format, or the one the first row's columns tell."""
+    rows, origins, source = read_located_rows(cfg.path, cfg.split)
+    if cfg.max_rows:
+        rows, origins = rows[: cfg.max_rows], origins[: cfg.max_rows]
+    if not rows:
+        raise DataError(source, None, None, "no rows")
+    fmt = cfg.format
+    if fmt == "auto":
+        columns = set(rows[0]) if isinstance(rows[0], dict) else set()
+        fmt = detect_format(columns, source, allow_prompts_only=allow_prompts_only)
+    return rows, origins, source, fmt
 
 
-def detect_format(columns: set[str], source: str) -> str:
+def detect_format(columns: set[str], source: str, *, allow_prompts_only: bool = False) -> str:
+    """The format the columns tell; with `allow_prompts_only` (generation's input), a file with
+    a prompt and no completion column is "prompts"."""
+    if allow_prompts_only and "prompt" in columns and not columns & COMPLETION_COLUMNS:
+        return "prompts"
     if {"prompt_id", "completions", "ref_rewards"} <= columns:
         return "canonical"
     if "responses" in columns:
@@ -181,14 +198,7 @@ def load_canonical(
     cfg: DataConfig, *, require_rewards: bool = False, require_pairs: bool = False
 ) -> list[dict]:
     """Read, convert and check a data set; every problem names the file, row and field."""
-    rows, origins, source = read_located_rows(cfg.path, cfg.split)
-    if cfg.max_rows:
-        rows = rows[: cfg.max_rows]
-    if not rows:
-        raise DataError(source, None, None, "no rows")
-    fmt = cfg.format
-    if fmt == "auto":
-        fmt = detect_format(set(rows[0]) if isinstance(rows[0], dict) else set(), source)
+    rows, origins, _, fmt = read_data(cfg)
     out = [
         to_canonical(row, index, fmt, file, require_rewards)
         for row, (file, index) in zip(rows, origins)

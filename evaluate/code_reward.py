@@ -26,7 +26,8 @@ import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from evaluate.sandbox import RunResult, Sandbox
+from evaluate.sandbox import Sandbox
+from evaluate.sandbox_result import RunResult
 
 STOP_SEQUENCES = ("\nclass ", "\ndef ", "\n#", "\nif __name__", "\nprint(", "\nassert ")
 _FENCE = re.compile(r"```[ \t]*(?:python|py|python3)?[ \t]*\n(.*?)(?:```|$)", re.DOTALL)

@@ -41,7 +41,7 @@ from common.tiny import TINY_NAME
 from common.tokenize import encode_completion, encode_prompt
 from evaluate import metrics, plots
 from evaluate.rewards import RewardConfig, make_scorer
-from kernels.api import LOGPROB_BACKENDS
+from kernels.logprobs_api import LOGPROB_BACKENDS
 
 LENGTH_UNITS = ("tokens", "words", "chars")
 
@@ -170,7 +170,7 @@ def completion_logps(
     return out[0], out[1]
 
 
-def summarize(s: ModelSamples, ref: ModelSamples, fit: metrics.LengthFit, cfg) -> dict:
+def summarize_model(s: ModelSamples, ref: ModelSamples, fit: metrics.LengthFit, cfg) -> dict:
     flat = [r for rs in s.rewards for r in rs]
     lengths = [n for ns in s.lengths for n in ns]
     means = [metrics.mean(rs) for rs in s.rewards]
@@ -344,7 +344,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     fit = metrics.fit_length(
         [n for ns in ref.lengths for n in ns], [r for rs in ref.rewards for r in rs]
     )
-    summary = {s.name: summarize(s, ref, fit, cfg) for s in runs}
+    summary = {s.name: summarize_model(s, ref, fit, cfg) for s in runs}
 
     stem = out.with_suffix("")
     files = {

@@ -4,7 +4,7 @@
     result = sb.run(program, test_source, entry_point="add")
     result.passed, result.status, result.detail     # True, "passed", ""
 
-Each call runs one test in its own tree of child processes (see `sandbox_child.py`):
+Each call runs one test in its own tree of child processes (see `sandbox_launcher.py`):
 
 - a new session (the parent kills the whole process group at the end, even on success) and new
   mount, network, IPC, UTS and PID namespaces: no network at all (only a downed loopback),
@@ -18,7 +18,7 @@ Each call runs one test in its own tree of child processes (see `sandbox_child.p
   privileges), so it cannot signal the parent or write anything it does not own; without root,
   an unprivileged user namespace gives the same namespaces (where the kernel allows them);
 - the verdict comes from the exit status plus a secret nonce that only the harness holds
-  (details and the hardening of the interpreter in `sandbox_child.run`).
+  (details and the hardening of the interpreter in `sandbox_runner.run`).
 
 Where namespaces are not available, the sandbox says so once (a RuntimeWarning) and runs with
 rlimits, a session and the timeout only; `isolation="namespaces"` makes that an error instead.
@@ -36,12 +36,10 @@ cpu_limit, file_size, crash, killed, forged, no_result.
 
 from __future__ import annotations
 
-import hmac
 import json
 import os
 import queue
 import secrets
-import select
 import shutil
 import signal
 import subprocess
@@ -53,7 +51,18 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
-CHILD_SOURCE = Path(__file__).with_name("sandbox_child.py").read_text()
+from evaluate.sandbox_processes import (
+    kill_group,
+    session_processes,
+    uid_processes,
+    wait_exit,
+    world_enterable,
+)
+from evaluate.sandbox_result import RunResult, read_available, read_layers, read_tail, verdict
+
+# The child side, passed to fresh interpreters as source (sandbox_launcher.py explains why).
+LAUNCHER_SOURCE = Path(__file__).with_name("sandbox_launcher.py").read_text()
+RUNNER_SOURCE = Path(__file__).with_name("sandbox_runner.py").read_text()
 _WARNED: set[str] = set()
 
 
@@ -103,73 +112,10 @@ class SandboxConfig:
                 raise ValueError(f"sandbox.{name} must be positive")
 
 
-@dataclass
-class RunResult:
-    status: str  # "passed" or why not (see the module docstring)
-    detail: str = ""
-    defined: bool = False  # the candidate's top-level code ran
-    seconds: float = 0.0
-    returncode: int | None = None
-    session: int = 0  # session id (= pid of the launcher) of the run's processes
-    layers: dict = field(default_factory=dict)
-    stderr: str = ""
-
-    @property
-    def passed(self) -> bool:
-        return self.status == "passed"
-
-
-SIGNAL_STATUS = {
-    signal.SIGXCPU: "cpu_limit",
-    signal.SIGKILL: "killed",
-    signal.SIGXFSZ: "file_size",
-    signal.SIGSEGV: "crash",
-    signal.SIGBUS: "crash",
-    signal.SIGABRT: "crash",
-    signal.SIGILL: "crash",
-    signal.SIGFPE: "crash",
-}
-
-
 def _warn_once(message: str) -> None:
     if message not in _WARNED:
         _WARNED.add(message)
         warnings.warn(message, RuntimeWarning, stacklevel=3)
-
-
-def session_processes(sid: int) -> list[int]:
-    """Live (not zombie) processes whose session id is `sid`."""
-    out = []
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat", "rb") as f:
-                fields = f.read().rsplit(b")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[3]) == sid and fields[0] not in (b"Z", b"X"):
-            out.append(int(name))
-    return out
-
-
-def uid_processes(uid: int) -> list[int]:
-    """Live processes whose real uid is `uid`."""
-    out = []
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/status", "rb") as f:
-                lines = f.read().splitlines()
-        except OSError:
-            continue
-        status = dict(line.split(b":", 1) for line in lines if b":" in line)
-        if status.get(b"State", b"").strip()[:1] in (b"Z", b"X"):
-            continue
-        if int(status.get(b"Uid", b"-1").split()[0]) == uid:
-            out.append(int(name))
-    return out
 
 
 class Sandbox:
@@ -227,7 +173,7 @@ class Sandbox:
                 )
                 t0 = time.monotonic()
                 proc = subprocess.Popen(
-                    [sys.executable, "-I", "-S", "-B", "-c", CHILD_SOURCE, "launch", spec],
+                    [sys.executable, "-I", "-S", "-B", "-c", LAUNCHER_SOURCE, spec],
                     stdin=stdin,
                     stdout=subprocess.DEVNULL,
                     stderr=stderr,
@@ -239,14 +185,14 @@ class Sandbox:
                 os.close(write_end)
                 write_end = -1
                 try:
-                    timed_out = not _wait(proc, wall)
+                    timed_out = not wait_exit(proc, wall)
                 finally:
-                    _killpg(proc.pid)  # the whole group, even on success: no stragglers
+                    kill_group(proc.pid)  # the whole group, even on success: no stragglers
                     proc.wait()
                 seconds = time.monotonic() - t0
-                channel = _read_available(read_end)
-                err_text = _tail(stderr)
-                layers = _layers(channel)
+                channel = read_available(read_end)
+                err_text = read_tail(stderr)
+                layers = read_layers(channel)
                 # A launcher that exited by itself waited for init, whose exit emptied the
                 # PID namespace; otherwise look for what is left.
                 if timed_out or proc.returncode < 0 or not layers.get("pidns"):
@@ -256,7 +202,7 @@ class Sandbox:
                     if fd >= 0:
                         os.close(fd)
                 shutil.rmtree(workdir, ignore_errors=True)
-        result = _verdict(channel, nonce, proc.returncode, timed_out)
+        result = verdict(channel, nonce, proc.returncode, timed_out)
         # the runner's own hardening, as it reported it (for the probe: a trusted program)
         layers["seccomp"] = b"\nDs\n" in channel
         result.seconds, result.session, result.layers = seconds, proc.pid, layers
@@ -278,7 +224,7 @@ class Sandbox:
                 "expose": self.expose,
                 "python": self.python,
                 "site_packages": bool(cfg.site_packages),
-                "source": CHILD_SOURCE,
+                "runner_source": RUNNER_SOURCE,
                 "cpu_seconds": int(cpu),
                 "memory_bytes": int((memory_mb or cfg.memory_mb) * 2**20),
                 "nproc": int(cfg.nproc),
@@ -328,7 +274,7 @@ class Sandbox:
         result = self.run("def f():\n    return 1\n", "assert f() == 1\n")
         if not result.passed or not result.layers:
             hint = ""
-            if self.root and not result.layers.get("mountns") and not _world_enterable(self.python):
+            if self.root and not result.layers.get("mountns") and not world_enterable(self.python):
                 hint = (
                     f" The sandbox uid cannot reach {self.python} without a mount namespace: "
                     "set sandbox.python to an interpreter outside /root (e.g. /usr/bin/python3)."
@@ -367,115 +313,3 @@ class Sandbox:
         if not self.root and not self.layers.get("userns"):
             missing.append("separate uid (user namespace)")
         return missing
-
-
-def _wait(proc: subprocess.Popen, timeout: float) -> bool:
-    """Wait for the launcher to exit (True) or the timeout (False), without polling."""
-    try:
-        pidfd = os.pidfd_open(proc.pid)
-    except (AttributeError, OSError):  # no pidfd (old kernel): Popen's polling wait
-        try:
-            proc.wait(timeout=timeout)
-            return True
-        except subprocess.TimeoutExpired:
-            return False
-    try:
-        ready, _, _ = select.select([pidfd], [], [], timeout)
-        return bool(ready)
-    finally:
-        os.close(pidfd)
-
-
-def _world_enterable(path: str) -> bool:
-    """Every directory above the (resolved) path is enterable by any uid."""
-    parts = Path(os.path.realpath(path)).parents
-    return all(os.stat(p).st_mode & 0o001 for p in parts)
-
-
-def _killpg(pgid: int) -> None:
-    with suppress(ProcessLookupError, PermissionError):
-        os.killpg(pgid, signal.SIGKILL)
-
-
-def _read_available(fd: int, limit: int = 1 << 18) -> bytes:
-    os.set_blocking(fd, False)
-    chunks, size = [], 0
-    while size < limit:
-        try:
-            chunk = os.read(fd, 65536)
-        except BlockingIOError:
-            break
-        if not chunk:
-            break
-        chunks.append(chunk)
-        size += len(chunk)
-    return b"".join(chunks)
-
-
-def _tail(fd: int, n: int = 4000) -> str:
-    size = os.fstat(fd).st_size
-    return os.pread(fd, n, max(0, size - n)).decode(errors="replace")
-
-
-def _layers(channel: bytes) -> dict:
-    first = channel.split(b"\n", 1)[0]
-    if first.startswith(b"L"):
-        try:
-            return json.loads(first[1:])
-        except ValueError:
-            pass
-    return {}
-
-
-def _verdict(channel: bytes, nonce: str, returncode: int, timed_out: bool) -> RunResult:
-    """Pass only with the nonce record, no failure or foreign record, and exit status 0."""
-    lines = channel.split(b"\n")
-    if lines and lines[0].startswith(b"L"):
-        lines = lines[1:]
-    defined, passed, failure, forged = False, False, None, []
-    for line in lines:
-        if not line:
-            continue
-        if line in (b"D", b"Ds"):
-            defined = True
-        elif line.startswith(b"P"):
-            if hmac.compare_digest(line[1:], nonce.encode()):
-                passed = True
-            else:
-                forged.append(line[:60])
-        elif line.startswith(b"F") and failure is None:
-            try:
-                failure = json.loads(line[1:])
-                failure = {"kind": str(failure["kind"]), "detail": str(failure.get("detail", ""))}
-            except (ValueError, KeyError, TypeError):
-                forged.append(line[:60])
-        else:
-            forged.append(line[:60])
-    if timed_out:
-        where = "" if defined else " (while defining the candidate)"
-        return RunResult("timeout", f"wall-clock limit reached{where}", defined, returncode=None)
-    if forged or (passed and failure is not None):
-        shown = b"; ".join(forged).decode(errors="replace")
-        return RunResult("forged", f"foreign records on the result channel: {shown}", defined)
-    if passed and returncode == 0:
-        return RunResult("passed", "", defined, returncode=returncode)
-    if failure is not None:
-        kind = failure["kind"] if failure["kind"] != "harness" else "error"
-        return RunResult(kind, failure["detail"], defined, returncode=returncode)
-    if returncode is not None and returncode > 128:
-        sig = returncode - 128
-        try:
-            name = signal.Signals(sig).name
-        except ValueError:
-            name = str(sig)
-        status = SIGNAL_STATUS.get(sig, "killed")
-        return RunResult(status, f"terminated by {name}", defined, returncode=returncode)
-    if returncode == 0:
-        return RunResult(
-            "no_result",
-            "exited with status 0 but without the harness's result (sys.exit/os._exit in "
-            "the candidate?)",
-            defined,
-            returncode=returncode,
-        )
-    return RunResult("crash", f"exit status {returncode}", defined, returncode=returncode)

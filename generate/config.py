@@ -20,7 +20,7 @@ from pathlib import Path
 from common.config import ConfigError, choice, doc, sub
 from common.data import DataConfig
 from common.model import DTYPES, ModelConfig
-from kernels.api import LOGPROB_BACKENDS
+from kernels.logprobs_api import LOGPROB_BACKENDS
 from kernels.sequence_model import MIXED_PRECISIONS
 
 STEPS = ("sample", "reward", "build", "ref_logps", "merge")

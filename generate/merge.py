@@ -25,8 +25,8 @@ from generate.shards import (
     ShardError,
     collect,
     format_summary,
+    row_stats,
     shard_name,
-    summarize,
     write_rows_parquet,
 )
 
@@ -77,7 +77,7 @@ def merge(cfg, log=print) -> Path:
     else:
         write_rows_parquet(got.rows, output)
     log(
-        format_summary(f"merged {step}, {got.num_shards} shard(s) -> {output}", summarize(got.rows))
+        format_summary(f"merged {step}, {got.num_shards} shard(s) -> {output}", row_stats(got.rows))
     )
     return output
 

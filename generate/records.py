@@ -26,23 +26,21 @@ from typing import Any
 
 from common.data import (
     CANONICAL_COLUMNS,
+    COMPLETION_COLUMNS,
     DataConfig,
     DataError,
     RowReader,
     content_hash,
-    detect_format,
-    read_rows,
+    read_data,
     to_canonical,
 )
 
 COMPLETION_KEYS = ("completion_id", "text", "reward", "ref_logp", "ref_index")
 COLUMNS = (*CANONICAL_COLUMNS, "pairs", "info")
-# Columns that mark a file as data with completions; a file with none of them is prompts-only.
-_COMPLETION_COLUMNS = {"responses", "chosen", "rejected", "completion", "completions"}
 # Columns the formats read (and `messages`, which pairs data sets often repeat): not info.
 _FORMAT_COLUMNS = {
     *COLUMNS,
-    *_COMPLETION_COLUMNS,
+    *COMPLETION_COLUMNS,
     "reward",
     "ref_logp",
     "ref_index",
@@ -141,16 +139,8 @@ def _prompt_row(row: Any, index: int, source: str) -> dict:
 
 def read_data_groups(cfg: DataConfig) -> tuple[list[dict], str]:
     """Any format of common.data, or prompts-only rows -> one group per distinct prompt id."""
-    rows, source = read_rows(cfg.path, cfg.split)
-    if cfg.max_rows:
-        rows = rows[: cfg.max_rows]
-    if not rows:
-        raise DataError(source, None, None, "no rows")
-    fmt = cfg.format
-    columns = set(rows[0]) if isinstance(rows[0], dict) else set()
-    if fmt == "auto":
-        prompts_only = "prompt" in columns and not columns & _COMPLETION_COLUMNS
-        fmt = "prompts" if prompts_only else detect_format(columns, source)
+    # Rows are numbered across the files of a folder: source_row orders the shards.
+    rows, _, source, fmt = read_data(cfg, allow_prompts_only=True)
     canonical = []
     for i, row in enumerate(rows):
         if fmt == "prompts":

@@ -110,7 +110,7 @@ def _stats(values: list[float]) -> dict:
     }
 
 
-def summarize(rows: list[dict]) -> dict:
+def row_stats(rows: list[dict]) -> dict:
     """Counts, reward statistics and reference-set statistics of some rows."""
     comps = [c for r in rows for c in r["completions"]]
     refs = {r["prompt_id"]: r["ref_rewards"] for r in rows}
@@ -243,7 +243,7 @@ def run_shard(
             }
         )
         all_rows += rows
-    summary = summarize(all_rows)
+    summary = row_stats(all_rows)
     manifest = {
         **{k: plan[k] for k in ("step", "shard", "num_shards", "chunk_size", "config")},
         "chunks": entries,

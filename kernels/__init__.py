@@ -5,10 +5,11 @@
 Triton is imported only when a Triton backend is used, so the package works on CPU-only installs.
 """
 
-from kernels.api import QRPOLoss, SequenceLogprobs, qrpo_loss, sequence_logprobs
 from kernels.fused_head import fused_head_loss
+from kernels.logprobs_api import SequenceLogprobs, sequence_logprobs
 from kernels.partition import PARTITIONS
 from kernels.qrpo import QRPOStats, log_partition
+from kernels.qrpo_api import QRPOLoss, qrpo_loss
 
 __all__ = [
     "sequence_logprobs",

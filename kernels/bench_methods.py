@@ -29,9 +29,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from common.constants import IGNORE_INDEX
-from kernels.api import qrpo_loss, sequence_logprobs
 from kernels.fused_head import fused_head_loss
-from kernels.reference import segment_sum, sequence_ids
+from kernels.logprobs_api import sequence_logprobs
+from kernels.qrpo_api import qrpo_loss
+from kernels.segments import segment_sum, sequence_ids
 
 Method = Callable[[Tensor, Tensor, Tensor, Tensor], tuple[Tensor | None, Tensor]]
 

@@ -42,7 +42,9 @@ import torch
 from torch import Tensor
 
 from common.constants import IGNORE_INDEX
-from kernels.reference import accumulation_dtype, segment_sum, sequence_ids
+from kernels.checks import resolve_backend
+from kernels.logprobs_api import check_logprob_args, sequence_logprobs
+from kernels.segments import accumulation_dtype, segment_sum, sequence_ids
 
 LossFn = Callable[[Tensor], Tensor]
 
@@ -290,10 +292,8 @@ def fused_head_loss(
         (loss, logps): the scalar loss, differentiable w.r.t. hidden, weight and bias (backward
         only scales the stored gradients), and the detached [S] log-probs.
     """
-    from kernels.api import _check_logprob_args, _resolve, sequence_logprobs
-
-    resolved = _resolve(backend, hidden.device, ("auto", "triton", "torch"))
-    _check_logprob_args(
+    resolved = resolve_backend(backend, hidden.device, ("auto", "triton", "torch"))
+    check_logprob_args(
         hidden, weight, targets, cu_seqlens, bias, temperature, softcap, resolved, check_targets
     )
     bounds = [int(b) for b in (cu_seqlens.tolist() if host_cu_seqlens is None else host_cu_seqlens)]

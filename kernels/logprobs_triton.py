@@ -32,7 +32,7 @@ Precision:
   partial would be folded back by Triton (`acc + dot(a, b)` becomes `dot(a, b, acc)`), so a
   promoted partial spans >= 2 slices. It costs a second fp32 tile accumulator in registers, so
   the tile table decides per configuration (kernels/tiles.py); the benchmark measures both.
-- The per-sequence sum of token log-probs is taken in float64 (kernels.reference.segment_sum):
+- The per-sequence sum of token log-probs is taken in float64 (kernels.segments.segment_sum):
   in fp32, adding ~1000 terms of ~-14 to a running total of ~-12,000 (ulp 1e-3) costs ~0.01 nats.
 - Under the CPU interpreter (TRITON_INTERPRET=1) tl.dot on bf16/fp16 is computed wrongly by
   Triton 3.9, so operands are upcast to fp32 in the kernel there (UPCAST).
@@ -46,7 +46,7 @@ from torch import Tensor
 
 from common.constants import IGNORE_INDEX
 from kernels.logprobs_kernels import _logprobs_bwd_kernel, _logprobs_fwd_kernel
-from kernels.reference import PackedTargets, segment_sum
+from kernels.segments import PackedTargets, segment_sum
 from kernels.tiles import (  # noqa: F401  (re-exported: tests and benchmarks import them here)
     INTERPRETER_CONFIG,
     TritonConfig,

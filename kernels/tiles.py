@@ -1,4 +1,5 @@
-"""Tile sizes of the Triton log-prob kernels: a measured table per device capability and dtype.
+"""Tile sizes of the log-prob backends: for the Triton kernels a measured table per device
+capability and dtype; for the chunked torch backend `ChunkConfig` (at the end).
 
 Choosing a configuration is a dictionary lookup (no autotune on first use, so the first training
 step is not slowed and nothing is clobbered by trial launches). The table holds what was measured;
@@ -95,7 +96,7 @@ TABLE: list[TableRow] = [
 ]
 GENERIC = TritonConfig()
 
-_OVERRIDE: TritonConfig | None = None
+_OVERRIDE: TritonConfig | None = None  # set by use_config
 
 
 def lookup(
@@ -124,15 +125,20 @@ def current_config(device: torch.device, dtype: torch.dtype, dim: int, vocab: in
     return lookup(torch.cuda.get_device_capability(device), dtype, dim, vocab)
 
 
-@contextlib.contextmanager
-def use_config(config: TritonConfig) -> Iterator[None]:
+def use_config(config: TritonConfig) -> contextlib.AbstractContextManager[None]:
     """Temporarily use these tile sizes (tests, benchmarks, sweeps)."""
-    global _OVERRIDE
-    previous, _OVERRIDE = _OVERRIDE, config
+    return _overriding("_OVERRIDE", config)
+
+
+@contextlib.contextmanager
+def _overriding(name: str, config: TritonConfig | ChunkConfig) -> Iterator[None]:
+    """Put `config` in this module's global `name` for the duration of a with block."""
+    previous = globals()[name]
+    globals()[name] = config
     try:
         yield
     finally:
-        _OVERRIDE = previous
+        globals()[name] = previous
 
 
 def describe(config: TritonConfig) -> str:
@@ -144,6 +150,58 @@ def describe(config: TritonConfig) -> str:
     )
 
 
+# ---------------------------------------------------------------------------------------------
+# The chunked torch backend (kernels/logprobs_torch.py)
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ChunkConfig:
+    """Tile sizes of the chunked torch backend.
+
+    Memory math: the largest temporaries are one [C, V_slice] tile in the accumulation dtype (two
+    in backward with softcap, which keeps tanh for the chain rule). With the CPU default (4M
+    elements = 16 MiB fp32 per tile) the measured peak extra memory of forward + backward at
+    N=4096, V=32000, D=256 fp32 is ~16 MiB, against 524 MB for the full logits. Half-precision
+    weights are upcast one vocab slice at a time (torch on CPU has no bf16 matmul with fp32
+    output): a slice holds at most `max_weight_slice_elements` fp32 values. On CUDA, where this
+    backend is only the fallback, tiles are larger (64M elements = 256 MiB) for GEMM efficiency.
+    """
+
+    max_tile_elements: int = 4 * 2**20
+    max_weight_slice_elements: int = 4 * 2**20
+    chunk_tokens: int | None = None  # explicit token chunk (tests use tiny ones)
+    vocab_slice: int | None = None  # explicit vocab slice; by default only half weights are sliced
+
+    def plan(self, num_tokens: int, vocab: int, dim: int, dtype: torch.dtype) -> tuple[int, int]:
+        """(token chunk C, vocab slice Vs) for these shapes."""
+        if self.vocab_slice is not None:
+            v_slice = min(vocab, self.vocab_slice)
+        elif dtype in (torch.float32, torch.float64):
+            v_slice = vocab  # no upcast needed: one slice, W used in place
+        else:
+            v_slice = min(vocab, max(1, self.max_weight_slice_elements // max(dim, 1)))
+        chunk = self.chunk_tokens or max(1, self.max_tile_elements // v_slice)
+        return max(1, min(chunk, max(num_tokens, 1))), max(1, v_slice)
+
+
+CPU_CHUNKS = ChunkConfig()
+CUDA_CHUNKS = ChunkConfig(max_tile_elements=64 * 2**20, max_weight_slice_elements=64 * 2**20)
+_CHUNK_OVERRIDE: ChunkConfig | None = None  # set by use_chunk_config
+
+
+def chunk_config(device: torch.device) -> ChunkConfig:
+    """The chunk sizes of the torch backend on `device` (override first)."""
+    if _CHUNK_OVERRIDE is not None:
+        return _CHUNK_OVERRIDE
+    return CUDA_CHUNKS if device.type == "cuda" else CPU_CHUNKS
+
+
+def use_chunk_config(config: ChunkConfig) -> contextlib.AbstractContextManager[None]:
+    """Temporarily replace the chunk sizes (tests use tiny chunks to exercise many of them)."""
+    return _overriding("_CHUNK_OVERRIDE", config)
+
+
 __all__ = [
     "TritonConfig",
     "INTERPRETER_CONFIG",
@@ -153,4 +211,7 @@ __all__ = [
     "use_config",
     "lookup",
     "describe",
+    "ChunkConfig",
+    "chunk_config",
+    "use_chunk_config",
 ]

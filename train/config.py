@@ -8,7 +8,7 @@ from typing import Optional
 from common.config import ConfigError, choice, doc, sub
 from common.data import DataConfig
 from common.model import ModelConfig
-from kernels.api import LOGPROB_BACKENDS
+from kernels.logprobs_api import LOGPROB_BACKENDS
 from kernels.partition import EMPIRICAL_ESTIMATORS, PARTITIONS
 from kernels.qrpo import ESTIMATORS, LOSS_TYPES, TRANSFORMS
 from kernels.sequence_model import MIXED_PRECISIONS

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from common.constants import IGNORE_INDEX
 from kernels import sequence_logprobs
 from kernels.logprobs_triton import TritonConfig, use_config
-from kernels.reference import ChunkConfig, use_chunk_config
+from kernels.tiles import ChunkConfig, use_chunk_config
 
 # Triton on CPU tensors needs the interpreter (set by tests/conftest.py when there is no CUDA);
 # on a CUDA machine the same paths are covered by the `gpu` tests at the end of this file.
@@ -363,9 +363,9 @@ def test_naive_bf16_is_the_rounded_logits_baseline() -> None:
 def test_torch_backend_peak_memory() -> None:
     """At N=4096, V=32000, D=256 fp32 the torch backend's extra memory (forward + backward, beyond
     inputs and gradients) stays under 10% of the full logits (524 MB). Measured in a fresh process
-    as the peak-RSS increase, see kernels/bench.py:measure_cpu_peak."""
+    as the peak-RSS increase, see kernels/bench_measure.py:cpu_peak_extra_bytes."""
     code = (
-        "from kernels.bench import cpu_peak_extra_bytes;"
+        "from kernels.bench_measure import cpu_peak_extra_bytes;"
         "print(cpu_peak_extra_bytes('torch', 4096, 256, 32000, seq_len=512))"
     )
     out = subprocess.run(

@@ -1,7 +1,8 @@
-"""qrpo_loss and log_partition against formulas written independently here.
+"""qrpo_loss against formulas written independently here.
 
-The expected values use python loops over rows and mpmath/scipy for the partition functions in
-their textbook (unstabilised) forms at high precision, so they share no code with kernels/qrpo.py.
+The expected values use python loops over rows and the partition functions in their textbook
+(unstabilised) forms at high precision (exact_partition.py), so they share no code with
+kernels/qrpo.py.
 The Triton backend runs through the CPU interpreter (tests/conftest.py).
 """
 
@@ -10,7 +11,6 @@ from __future__ import annotations
 import math
 import os
 
-import mpmath
 import numpy as np
 import pytest
 import scipy.integrate
@@ -19,8 +19,9 @@ import scipy.stats
 import torch
 import triton
 import triton.language as tl
+from exact_partition import exact_log_z
 
-from kernels import log_partition, qrpo_loss
+from kernels import qrpo_loss
 from kernels.qrpo_triton import _ndtri
 
 # Triton on CPU tensors needs the interpreter (set by tests/conftest.py when there is no CUDA);
@@ -31,25 +32,6 @@ requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs 
 BACKENDS = ["torch", pytest.param("triton", marks=needs_interpreter)]
 TRANSFORMS = ["identity", "log", "normal_icdf", "scaled_normal_icdf", "square", "sqrt"]
 ESTIMATORS = ["inclusive", "midrank", "randomized"]
-mpmath.mp.dps = 50
-
-
-def exact_log_z(transform: str, beta: float, sigma: float = 1.0) -> float:
-    """log Z_f(beta) from the paper's closed forms, evaluated at 50 digits (no rewriting)."""
-    b = mpmath.mpf(beta)
-    if transform == "identity":
-        z = b * (mpmath.exp(1 / b) - 1)
-    elif transform == "log":
-        z = b / (b + 1)
-    elif transform == "normal_icdf":
-        z = mpmath.exp(1 / (2 * b**2))
-    elif transform == "scaled_normal_icdf":
-        z = mpmath.exp(mpmath.mpf(sigma) ** 2 / (2 * b**2))
-    elif transform == "square":
-        z = mpmath.sqrt(mpmath.pi * b) / 2 * mpmath.erfi(1 / mpmath.sqrt(b))
-    else:
-        z = 2 * b * (b + (1 - b) * mpmath.exp(1 / b))
-    return float(mpmath.log(z))
 
 
 def expected_loss(
@@ -286,48 +268,6 @@ def test_randomized_estimator_is_deterministic_with_seeded_generator():
     assert not torch.equal(runs[("torch", 5)], runs[("torch", 6)])
     q1 = run_loss(batch, 0.1, "torch", estimator="randomized", seed=5)[2].q
     assert torch.equal(q1, runs[("torch", 5)])
-
-
-@pytest.mark.parametrize(
-    "beta,want", [(3e-4, 0.99757), (1e-3, 0.99309), (1e-2, 0.95395), (0.1, 0.76974)]
-)
-def test_identity_partition_exact_values(beta, want):
-    """REFERENCE.md's exact beta * log Z for the identity transform."""
-    got = beta * log_partition("identity", beta).item()
-    assert got == pytest.approx(want, abs=6e-6)
-    assert log_partition("identity", torch.tensor(beta)).dtype == torch.float64
-
-
-@pytest.mark.parametrize("transform", TRANSFORMS)
-@pytest.mark.parametrize("beta", [3e-4, 1e-3, 1e-2, 0.1, 0.3, 1.0, 3.0])
-def test_log_partition_against_high_precision(transform, beta):
-    beta_t = torch.tensor([beta], dtype=torch.float64)
-    got = log_partition(transform, beta_t, sigma=torch.tensor([0.7], dtype=torch.float64)).item()
-    want = exact_log_z(transform, beta, 0.7)
-    assert got == pytest.approx(want, rel=1e-12, abs=1e-12)
-
-
-@pytest.mark.parametrize("beta", [3e-4, 1e-2, 0.3, 1.0, 10.0])
-def test_square_partition_against_dawson(beta):
-    """log Z = 1/beta + log(beta)/2 + log dawsn(1/sqrt(beta)) (scipy's Dawson function)."""
-    want = 1 / beta + 0.5 * math.log(beta) + math.log(scipy.special.dawsn(1 / math.sqrt(beta)))
-    assert log_partition("square", beta).item() == pytest.approx(want, rel=1e-12)
-
-
-@pytest.mark.filterwarnings("ignore::scipy.integrate.IntegrationWarning")  # log(q) at q -> 0
-@pytest.mark.parametrize("transform", ["identity", "log", "square", "sqrt", "normal_icdf"])
-@pytest.mark.parametrize("beta", [0.3, 1.0, 3.0])
-def test_log_partition_against_quadrature(transform, beta):
-    """Z = int_0^1 exp(f(q)/beta) dq by direct numerical integration, for moderate beta."""
-    f = {
-        "identity": lambda q: q,
-        "log": np.log,
-        "square": np.square,
-        "sqrt": np.sqrt,
-        "normal_icdf": scipy.special.ndtri,
-    }[transform]
-    z, _ = scipy.integrate.quad(lambda q: np.exp(f(q) / beta), 0, 1, limit=500)
-    assert log_partition(transform, beta).item() == pytest.approx(math.log(z), rel=1e-7)
 
 
 @triton.jit
