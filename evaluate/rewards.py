@@ -3,7 +3,7 @@
     task   the embedded sorting task's graded reward (common.tiny.TASK)
     model  a reward model: AutoModelForSequenceClassification with one output, scored on the
            chat-rendered conversation (or prompt + completion for text prompts)
-    code   the fraction of a problem's asserts passed in the sandbox (evaluate.code_reward)
+    code   the fraction of a problem's asserts passed in the sandbox (common.code_reward)
 
 A scorer is called as `scorer(rows, completions)` with the held-out rows and completions[i][j]
 (sample j of row i), and returns (rewards, details): rewards[i][j] a float, details[i][j] a dict
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from common.config import ConfigError, choice, doc, sub
-from evaluate.sandbox import SandboxConfig
+from common.sandbox import SandboxConfig
 
 KINDS = ("task", "model", "code")
 
@@ -108,12 +108,12 @@ class CodeScorer:
     """Fraction of asserts passed; details say why (status of each test)."""
 
     def __init__(self, cfg: SandboxConfig):
-        from evaluate.sandbox import Sandbox
+        from common.sandbox import Sandbox
 
         self.sandbox = Sandbox(cfg)
 
     def __call__(self, rows: list[dict], completions: list[list[str]]):
-        from evaluate.code_reward import CodeProblem, score
+        from common.code_reward import CodeProblem, score
 
         problems = [CodeProblem.from_row(r, i) for i, r in enumerate(rows)]
         results = score(self.sandbox, problems, completions)

@@ -10,7 +10,7 @@ import torch
 from evaluate import metrics
 from evaluate.__main__ import EvalConfig, evaluate, main
 from evaluate.rewards import RewardConfig
-from evaluate.sandbox import SandboxConfig
+from common.sandbox import SandboxConfig
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""The child side of `evaluate.sandbox`: launcher, PID-1 init and test runner (standard library).
+"""The child side of `common.sandbox`: launcher, PID-1 init and test runner (standard library).
 
 The parent never imports this file: it passes its source to `python -c SOURCE launch SPEC`, so
 nothing here depends on the parent's state. One test of one candidate is three processes:
