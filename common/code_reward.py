@@ -196,7 +196,7 @@ def run_tests(sandbox: Sandbox, problem: CodeProblem, completion: str) -> CodeRe
     )
 
 
-def score(
+def score_problems(
     sandbox: Sandbox, problems: list[CodeProblem], completions: list[list[str]]
 ) -> list[list[CodeResult]]:
     """completions[i][j] (sample j of problem i) -> its CodeResult, `sandbox.workers` at once."""

@@ -2,7 +2,6 @@
 
 evaluate.py      `python -m evaluate`: sample, score, compare; JSON, Markdown and plots
 metrics.py       win rates, length-controlled reward, KL estimates, Spearman, pass@k
-rewards.py       scorers: the embedded task, a reward model, code tests (common.code_reward)
 plots.py         reward-vs-KL, bars, length histograms
 frontier.py      `python -m evaluate.frontier`: reward-KL frontiers over beta grids and seeds
 frontier_report.py  the frontier's table (Markdown, JSON, CSV) and plot

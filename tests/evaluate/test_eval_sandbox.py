@@ -14,7 +14,6 @@ import warnings
 import pytest
 
 from common.code_reward import CodeProblem, run_tests, split_tests
-from evaluate.metrics import pass_at_k
 from common.sandbox import (
     Sandbox,
     SandboxConfig,
@@ -22,6 +21,7 @@ from common.sandbox import (
     session_processes,
     uid_processes,
 )
+from evaluate.metrics import pass_at_k
 
 
 @pytest.fixture(scope="module")
