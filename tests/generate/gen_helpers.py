@@ -4,9 +4,13 @@ folder is on sys.path under pytest, and put on PYTHONPATH for subprocesses)."""
 import time
 
 
-def length_reward(rows, completions, cfg) -> list[list[float]]:
+def length_score(completion: str) -> float:
     """Varied rewards from the tiny random model's gibberish: its length modulo 7."""
-    return [[(len(c) % 7) / 6 for c in cs] for cs in completions]
+    return (len(completion) % 7) / 6
+
+
+def length_reward(rows, completions, cfg) -> list[list[float]]:
+    return [[length_score(c) for c in cs] for cs in completions]
 
 
 def slow_reward(rows, completions, cfg) -> list[list[float]]:
