@@ -16,9 +16,10 @@ names the dotted key, lists the allowed values and suggests the nearest one:
     command line: config key 'loss.transform': 'sqrtt' is not one of identity, log, ...;
     did you mean 'sqrt'?
 
-A key that was renamed is declared in its class (`RENAMED = {"old": "new"}`), so the old spelling
-is an error that names the new key. `__post_init__` of each dataclass adds the checks that types alone cannot express. `--help`
-lists every dotted key with its type, default, doc and allowed values.
+A key that was renamed is declared in its class (`RENAMED = {"old": "new"}`), so the old
+spelling is an error that names the new key. `__post_init__` of each dataclass adds the checks
+that types alone cannot express. `--help` lists every dotted key with its type, default, doc and
+allowed values.
 """
 
 from __future__ import annotations
@@ -163,7 +164,7 @@ def config_help(cls: type, prefix: str = "") -> list[str]:
     return lines
 
 
-def renamed_key(cls: type, key: str) -> str | None:
+def _renamed_key(cls: type, key: str) -> str | None:
     """The new dotted name of `key` when the config class holding it declares it renamed, in a
     class attribute `RENAMED = {old name: new name}` (not a field: it is no key of the tree)."""
     *path, name = key.split(".")
@@ -180,7 +181,7 @@ def _friendly(err: OmegaConfBaseException, source: str, cls: type | None = None)
     key = getattr(err, "full_key", None) or getattr(err, "key", None)
     msg = str(err).splitlines()[0]
     where = f"{source}: " if source else ""
-    new = renamed_key(cls, str(key)) if cls is not None and key else None
+    new = _renamed_key(cls, str(key)) if cls is not None and key else None
     if new:
         return ConfigError(f"{where}config key '{key}' is now '{new}'")
     if key:

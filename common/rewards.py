@@ -91,11 +91,15 @@ class RewardConfig:
 
     def __post_init__(self):
         if ":" not in self.fn and self.fn not in REWARDS:
-            raise ConfigError(choice_error("reward.fn", self.fn, [*sorted(REWARDS), IMPORT_FORM]))
+            raise _unknown(self.fn)
         if self.fn == "model" and not self.model:
             raise ConfigError("reward.fn=model needs reward.model=PATH")
         if self.label_index < 0 or self.batch_size < 1 or self.max_length < 1:
             raise ConfigError("reward.label_index must be >= 0, batch_size and max_length >= 1")
+
+
+def _unknown(name: str) -> ConfigError:
+    return ConfigError(choice_error("reward.fn", name, [*sorted(REWARDS), IMPORT_FORM]))
 
 
 def reward_function(name: str) -> Reward:
@@ -104,7 +108,7 @@ def reward_function(name: str) -> Reward:
         return REWARDS[name]
     module, sep, attr = name.partition(":")
     if not sep:
-        raise ConfigError(choice_error("reward.fn", name, [*sorted(REWARDS), IMPORT_FORM]))
+        raise _unknown(name)
     try:
         loaded = importlib.import_module(module)
     except ImportError as err:
