@@ -2,7 +2,8 @@
 rewards that QRPO's quantiles are taken against) and by evaluate (held-out rewards), so both
 score a completion the same way.
 
-A reward is one function, registered by name, called once per chunk of prompt rows:
+A reward is one function, registered by name, called once per chunk of prompt rows (generate)
+or once per model's held-out samples (evaluate):
 
     from common.rewards import register_reward
 
@@ -23,9 +24,8 @@ model, the sandbox's workers) sees them at once.
 Built in: `task` (the embedded sorting task, common.tiny), `model` (a sequence-classification
 reward model, common.reward_model) and `code` (the fraction of a problem's asserts passed in the
 sandbox, common.code_reward). `reward.fn` names a registered reward, or `package.module:name`
-for a reward outside the repository: the module is imported when the reward is first used
-(registering rewards of its own, if it does), then `name` is looked up in the registry or as
-the module's attribute.
+for a reward outside the repository: the module is imported when the reward is first used, then
+`name` is its function, or a reward it registered under that name.
 """
 
 from __future__ import annotations
@@ -113,7 +113,8 @@ def reward_function(name: str) -> Reward:
         loaded = importlib.import_module(module)
     except ImportError as err:
         raise ConfigError(f"reward.fn={name}: cannot import {module} ({err})") from None
-    fn = REWARDS.get(attr) or getattr(loaded, attr, None)
+    # The module's own function first: a name it registered may be no attribute of it.
+    fn = getattr(loaded, attr, None) or REWARDS.get(attr)
     if not callable(fn):
         raise ConfigError(f"reward.fn={name}: {module} has no reward or function '{attr}'")
     return fn
