@@ -147,7 +147,7 @@ def task_reward(rows: list[dict], completions: list[list[str]], cfg: RewardConfi
     return [[TASK.reward(r["prompt"], c) for c in cs] for r, cs in zip(rows, completions)]
 
 
-# One loaded model and one probed sandbox per process, reused chunk after chunk.
+# One loaded reward model and one probed sandbox per process, reused chunk after chunk.
 _LOADED: dict[str, tuple[str, object]] = {}
 
 
@@ -158,14 +158,24 @@ def _cached(kind: str, key: str, make: Callable[[], object]):
     return _LOADED[kind][1]
 
 
-@register_reward("model")
-def model_reward(rows: list[dict], completions: list[list[str]], cfg: RewardConfig) -> Scores:
-    """A sequence-classification reward model's logit `label_index` on the conversation."""
+def _reward_model(cfg: RewardConfig):
     from common.reward_model import RewardModel
 
     key = repr({k: v for k, v in asdict(cfg).items() if k not in ("sandbox", "keep_existing")})
-    model = _cached("model", key, lambda: RewardModel(cfg))
-    flat, tokens = model.score([(r["prompt"], c) for r, cs in zip(rows, completions) for c in cs])
+    return _cached("model", key, lambda: RewardModel(cfg))
+
+
+def _sandbox(cfg: RewardConfig):
+    from common.sandbox import Sandbox
+
+    return _cached("sandbox", repr(asdict(cfg.sandbox)), lambda: Sandbox(cfg.sandbox))
+
+
+@register_reward("model")
+def model_reward(rows: list[dict], completions: list[list[str]], cfg: RewardConfig) -> Scores:
+    """A sequence-classification reward model's logit `label_index` on the conversation."""
+    pairs = [(r["prompt"], c) for r, cs in zip(rows, completions) for c in cs]
+    flat, tokens = _reward_model(cfg).score(pairs)
     it = iter(flat)
     return Scores([[next(it) for _ in cs] for cs in completions], tokens=tokens)
 
@@ -174,12 +184,23 @@ def model_reward(rows: list[dict], completions: list[list[str]], cfg: RewardConf
 def code_reward(rows: list[dict], completions: list[list[str]], cfg: RewardConfig) -> Scores:
     """Fraction of a code problem's asserts passed in the sandbox; details say why."""
     from common.code_reward import CodeProblem, score_problems
-    from common.sandbox import Sandbox
 
-    sandbox = _cached("sandbox", repr(asdict(cfg.sandbox)), lambda: Sandbox(cfg.sandbox))
     problems = [CodeProblem.from_row(r, i) for i, r in enumerate(rows)]
-    results = score_problems(sandbox, problems, completions)
+    results = score_problems(_sandbox(cfg), problems, completions)
     return Scores(
         [[r.reward for r in rs] for rs in results],
         details=[[r.to_dict() for r in rs] for rs in results],
     )
+
+
+_LOADERS = {"model": _reward_model, "code": _sandbox}
+
+
+def load_reward(cfg: RewardConfig) -> Reward:
+    """The reward `cfg.fn` names, with what a built-in one loads (the reward model, the probed
+    sandbox) loaded now: a wrong path or an unusable sandbox stops a run before its first sample
+    is scored, and the first chunk's time is scoring alone."""
+    fn = reward_function(cfg.fn)
+    if cfg.fn in _LOADERS:
+        _LOADERS[cfg.fn](cfg)
+    return fn

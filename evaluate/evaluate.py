@@ -38,7 +38,7 @@ import torch
 
 from common.config import ConfigError, choice, doc, sub
 from common.model import DTYPES, ModelConfig, load_model, load_tokenizer
-from common.rewards import RewardConfig, compute_rewards, reward_function
+from common.rewards import RewardConfig, compute_rewards, load_reward
 from common.tiny import TINY_NAME
 from common.tokenize import encode_completion, encode_prompt
 from evaluate import metrics, plots
@@ -291,7 +291,6 @@ def evaluate(cfg: EvalConfig) -> dict:
     from generate.sample import sample_completions
 
     t0 = time.perf_counter()
-    reward_function(cfg.reward.fn)  # a reward that cannot be imported stops before any model
     device = _device(cfg.device)
     rows = load_rows(cfg)
     prompts = [r["prompt"] for r in rows]
@@ -299,11 +298,13 @@ def evaluate(cfg: EvalConfig) -> dict:
     names = model_names(list(cfg.models), list(cfg.names))
     default = Path("runs/eval") if paths[-1] == TINY_NAME else Path(paths[-1]).parent
     out = Path(cfg.out or default / "eval.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    # A reward model runs where the policies do unless reward.device says otherwise.
+    # A reward model runs where the policies do unless reward.device says otherwise. It (or the
+    # sandbox) loads before the policies: a reward that cannot load stops before any sampling.
     reward_cfg = (
         replace(cfg.reward, device=str(device)) if cfg.reward.device == "auto" else cfg.reward
     )
+    load_reward(reward_cfg)
+    out.parent.mkdir(parents=True, exist_ok=True)
 
     ref_tok = load_tokenizer(ModelConfig(name_or_path=paths[0]))
     prompt_ids = [

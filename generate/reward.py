@@ -23,7 +23,7 @@ import math
 import sys
 
 from common.data import DataError
-from common.rewards import RewardConfig, compute_rewards, reward_function
+from common.rewards import RewardConfig, compute_rewards, load_reward
 from generate.records import info_of, prompt_of
 
 
@@ -102,9 +102,9 @@ def score_rows(rows: list[dict], cfg: RewardConfig, source: str, fn: str) -> tup
 
 
 def make_worker(cfg, source: str):
-    """The worker for one chunk of groups (a reward model is loaded once, at its first chunk)."""
+    """The reward, loaded once (a reward model, the sandbox), and the worker for one chunk."""
     rc = cfg.reward
-    reward_function(rc.fn)  # a reward that cannot be imported stops the step before any chunk
+    load_reward(rc)
     name = f"model {rc.model}" if rc.fn == "model" else rc.fn
 
     def work(rows: list[dict]) -> tuple[list[dict], int]:
