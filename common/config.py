@@ -16,8 +16,10 @@ names the dotted key, lists the allowed values and suggests the nearest one:
     command line: config key 'loss.transform': 'sqrtt' is not one of identity, log, ...;
     did you mean 'sqrt'?
 
-`__post_init__` of each dataclass adds the checks that types alone cannot express. `--help`
-lists every dotted key with its type, default, doc and allowed values.
+A key that was renamed is declared in its class (`RENAMED = {"old": "new"}`), so the old
+spelling is an error that names the new key. `__post_init__` of each dataclass adds the checks
+that types alone cannot express. `--help` lists every dotted key with its type, default, doc and
+allowed values.
 """
 
 from __future__ import annotations
@@ -162,10 +164,26 @@ def config_help(cls: type, prefix: str = "") -> list[str]:
     return lines
 
 
-def _friendly(err: OmegaConfBaseException, source: str) -> ConfigError:
+def _renamed_key(cls: type, key: str) -> str | None:
+    """The new dotted name of `key` when the config class holding it declares it renamed, in a
+    class attribute `RENAMED = {old name: new name}` (not a field: it is no key of the tree)."""
+    *path, name = key.split(".")
+    for part in path:
+        hint = typing.get_type_hints(cls).get(part) if dataclasses.is_dataclass(cls) else None
+        if hint is None or not dataclasses.is_dataclass(hint):
+            return None
+        cls = hint
+    new = getattr(cls, "RENAMED", {}).get(name)
+    return ".".join([*path, new]) if new else None
+
+
+def _friendly(err: OmegaConfBaseException, source: str, cls: type | None = None) -> ConfigError:
     key = getattr(err, "full_key", None) or getattr(err, "key", None)
     msg = str(err).splitlines()[0]
     where = f"{source}: " if source else ""
+    new = _renamed_key(cls, str(key)) if cls is not None and key else None
+    if new:
+        return ConfigError(f"{where}config key '{key}' is now '{new}'")
     if key:
         return ConfigError(f"{where}config key '{key}': {msg}")
     return ConfigError(f"{where}{msg}")
@@ -187,7 +205,7 @@ def build_config(
             from_file = OmegaConf.load(path)
             merged = OmegaConf.merge(merged, from_file)
         except OmegaConfBaseException as err:
-            raise _friendly(err, str(path)) from None
+            raise _friendly(err, str(path), cls) from None
     from_cli = set()
     for item in overrides or []:
         item = item[2:] if item.startswith("--") else item
@@ -197,7 +215,7 @@ def build_config(
         try:
             merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
         except OmegaConfBaseException as err:
-            raise _friendly(err, "command line") from None
+            raise _friendly(err, "command line", cls) from None
 
     def where(key: str) -> str:
         if key in from_cli:

@@ -4,14 +4,15 @@ reward, as JSON, a Markdown table and plots.
 
     python -m evaluate models=[runs/demo/sft,runs/demo/qrpo,runs/demo/dpo] \\
         prompts=runs/demo/data/eval_prompts.jsonl out=runs/demo/eval.json
-    python -m evaluate models=[REF_DIR,RUN_DIR] reward.kind=model reward.model=RM_DIR
-    python -m evaluate models=[REF_DIR,RUN_DIR] prompts=problems.jsonl reward.kind=code \\
+    python -m evaluate models=[REF_DIR,RUN_DIR] reward.fn=model reward.model=RM_DIR
+    python -m evaluate models=[REF_DIR,RUN_DIR] prompts=problems.jsonl reward.fn=code \\
         n=10 pass_k=[1,5] reward.sandbox.cpu_seconds=1
 
 `models` lists model folders or run folders (a run folder means its `final/` checkpoint); the
 first one is the reference that every other model is compared with (its own row is the
 baseline: win rate 1/2, KL 0). Every model samples `n` completions per held-out prompt with the
-same per-prompt seeds (generate.sample), each completion is scored, and its log-probability
+same per-prompt seeds (common.sampling), each completion is scored (common.rewards, the
+registry generate's reward step uses too), and its log-probability
 under the model and under the reference is computed from packed sequences with the no-logits
 kernel (kernels.sequence_model: sequence_logps over SequenceLogprobModel), on the completion
 as training sees it: its text re-tokenized, plus EOS (common.tokenize). For a sample cut at
@@ -30,17 +31,17 @@ import json
 import math
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 
 from common.config import ConfigError, choice, doc, sub
 from common.model import DTYPES, ModelConfig, load_model, load_tokenizer
+from common.rewards import RewardConfig, compute_rewards, load_reward
 from common.tiny import TINY_NAME
 from common.tokenize import encode_completion, encode_prompt
 from evaluate import metrics, plots
-from evaluate.rewards import RewardConfig, make_scorer
 from kernels.logprobs_api import LOGPROB_BACKENDS
 
 LENGTH_UNITS = ("tokens", "words", "chars")
@@ -61,7 +62,7 @@ class EvalConfig:
     reward: RewardConfig = sub(RewardConfig, "how completions are scored")
     kl: bool = doc(True, "log-probs under each model and the reference: KL and length bias")
     length_unit: str = choice("tokens", LENGTH_UNITS, "length for the LC reward and the bias")
-    pass_k: list = doc([1], "k of pass@k for reward.kind=code (k <= n)")
+    pass_k: list = doc([1], "k of pass@k for reward.fn=code (k <= n)")
     dtype: str = choice("float32", tuple(DTYPES), "model weights dtype")
     device: str = doc("auto", "auto (cuda when available) | cpu | cuda | cuda:1 ...")
     kernel_backend: str = choice("auto", LOGPROB_BACKENDS, "log-prob kernel")
@@ -208,7 +209,7 @@ def summarize_model(s: ModelSamples, ref: ModelSamples, fit: metrics.LengthFit, 
         out["kl_k1"], out["kl_k3"] = metrics.kl_estimates(lp, rp)
         ratio = [a - b for a, b in zip(lp, rp)]
         out["length_bias_spearman"] = metrics.spearman(lengths, ratio)
-    if cfg.reward.kind == "code":
+    if cfg.reward.fn == "code":
         counts = [(len(ds), sum(d["reward"] == 1.0 for d in ds)) for ds in s.details]
         for k in cfg.pass_k:
             out[f"pass@{int(k)}"] = metrics.mean_pass_at_k(counts, int(k))
@@ -248,7 +249,7 @@ def markdown_table(summary: dict[str, dict], cfg: EvalConfig) -> str:
         ("KL k3", "kl_k3"),
         ("rho(len, log-ratio)", "length_bias_spearman"),
     ]
-    if cfg.reward.kind == "code":
+    if cfg.reward.fn == "code":
         cols += [(f"pass@{int(k)}", f"pass@{int(k)}") for k in cfg.pass_k]
     lines = [
         "| model | " + " | ".join(c for c, _ in cols) + " |",
@@ -296,8 +297,13 @@ def evaluate(cfg: EvalConfig) -> dict:
     names = model_names(list(cfg.models), list(cfg.names))
     default = Path("runs/eval") if paths[-1] == TINY_NAME else Path(paths[-1]).parent
     out = Path(cfg.out or default / "eval.json")
+    # A reward model runs where the policies do unless reward.device says otherwise. It (or the
+    # sandbox) loads before the policies: a reward that cannot load stops before any sampling.
+    reward_cfg = (
+        replace(cfg.reward, device=str(device)) if cfg.reward.device == "auto" else cfg.reward
+    )
+    load_reward(reward_cfg)
     out.parent.mkdir(parents=True, exist_ok=True)
-    scorer = make_scorer(cfg.reward, device)
 
     ref_tok = load_tokenizer(ModelConfig(name_or_path=paths[0]))
     prompt_ids = [
@@ -325,7 +331,8 @@ def evaluate(cfg: EvalConfig) -> dict:
             batch_size=cfg.batch_size,
         )
         s = ModelSamples(name, path, texts)
-        s.rewards, s.details = scorer(rows, texts)
+        scores = compute_rewards(reward_cfg, rows, texts)
+        s.rewards, s.details = scores.rewards, scores.details
         ids = [[encode_completion(ref_tok, t) for t in ts] for ts in texts]
         s.tokens = [[len(x) - 1 for x in xs] for xs in ids]
         s.lengths = [
@@ -355,13 +362,13 @@ def evaluate(cfg: EvalConfig) -> dict:
     table = markdown_table(summary, cfg)
     Path(files["markdown"]).write_text(
         f"# Held-out evaluation against {ref.name}\n\n{len(rows)} prompts x {cfg.n} samples, "
-        f"reward: {cfg.reward.kind}. LC reward: reward - b*z, z = standardised length "
+        f"reward: {cfg.reward.fn}. LC reward: reward - b*z, z = standardised length "
         f"({cfg.length_unit}) of the reference's samples (b = {fit.b:.4g}). KL from the "
         "model's own samples (k1 = mean log-ratio, k3 = mean(exp(-r) - 1 + r)).\n\n" + table
     )
     if cfg.plots:
         bar_metrics = ["mean_reward", "lc_reward", "win_rate", "pairwise_win_rate"]
-        bar_metrics += [f"pass@{int(k)}" for k in cfg.pass_k] if cfg.reward.kind == "code" else []
+        bar_metrics += [f"pass@{int(k)}" for k in cfg.pass_k] if cfg.reward.fn == "code" else []
         files["reward_kl_png"] = str(plots.reward_vs_kl(summary, Path(f"{stem}_reward_kl.png")))
         files["bars_png"] = str(plots.bars(summary, Path(f"{stem}_bars.png"), bar_metrics))
         per_model = {s.name: [n for ns in s.lengths for n in ns] for s in runs}

@@ -19,7 +19,8 @@ from pathlib import Path
 
 from common.config import ConfigError, choice, doc, sub
 from common.data import DataConfig
-from common.model import DTYPES, ModelConfig
+from common.model import ModelConfig
+from common.rewards import RewardConfig
 from kernels.logprobs_api import LOGPROB_BACKENDS
 from kernels.sequence_model import MIXED_PRECISIONS
 
@@ -48,29 +49,6 @@ class SampleConfig:
             raise ConfigError("sample.temperature must be >= 0 and sample.top_p in (0, 1]")
         if self.max_new_tokens < 1 or self.batch_size < 1:
             raise ConfigError("sample.max_new_tokens and sample.batch_size must be >= 1")
-
-
-@dataclass
-class RewardConfig:
-    fn: str = doc(
-        "task",
-        "a registered reward (task = the embedded sorting task), 'package.module:function' "
-        "taking (prompt, completion) -> float, or 'model' (reward.model)",
-    )
-    model: str = doc("", "fn=model: sequence-classification reward model, path or hub name")
-    max_length: int = doc(2048, "fn=model: truncate prompt+completion to this many tokens")
-    truncation_side: str = choice("right", ("right", "left"), "fn=model: which end to cut")
-    batch_size: int = doc(16, "fn=model: sequences per forward")
-    dtype: str = choice("float32", tuple(DTYPES), "fn=model: weights dtype")
-    label_index: int = doc(0, "fn=model: which output logit is the reward")
-    trust_remote_code: bool = doc(False, "fn=model: allow the model's own code (e.g. ArmoRM)")
-    keep_existing: bool = doc(
-        False, "keep rewards already in the data and score only the missing ones"
-    )
-
-    def __post_init__(self):
-        if self.fn == "model" and not self.model:
-            raise ConfigError("reward.fn=model needs reward.model=PATH")
 
 
 @dataclass
@@ -163,11 +141,12 @@ def fingerprint(cfg: PipelineConfig, step: str) -> dict:
         },
     }
     out = sections[step]
-    # Batch sizes and memory change nothing in the result (seeds are per prompt).
+    # Batch sizes, devices and memory change nothing in the result (seeds are per prompt).
     for section, key in (
         ("sample", "batch_size"),
         ("sample", "vllm_memory"),
         ("reward", "batch_size"),
+        ("reward", "device"),
     ):
         out.get(section, {}).pop(key, None)
     return out

@@ -178,7 +178,7 @@ CHOICE_KEYS = [
     (_pipeline_cfg, "build.regime", "bestworst", "best_worst"),
     (_pipeline_cfg, "ref_logps.kernel_backend", "cuda", None),
     (_pipeline_cfg, "ref_logps.mixed_precision", "fp8", None),
-    (_eval_cfg, "reward.kind", "modle", "model"),
+    (_eval_cfg, "reward.fn", "modle", "model"),
     (_eval_cfg, "reward.sandbox.isolation", "none", None),
     (_eval_cfg, "length_unit", "token", "tokens"),
     (_eval_cfg, "kernel_backend", "tritonn", "triton"),
@@ -220,7 +220,7 @@ def test_every_script_checks_choices_before_its_work(capsys, tmp_path):
     assert "config key 'loss.transform': 'cube' is not one of identity, log" in err
     err = _exit_message(capsys, pipeline_main, [f"out={run}", "build.regime=bestworst"])
     assert "'build.regime': 'bestworst' is not one of" in err
-    err = _exit_message(capsys, evaluate_main, ["models=[tiny]", "reward.kind=modle"])
+    err = _exit_message(capsys, evaluate_main, ["models=[tiny]", "reward.fn=modle"])
     assert "did you mean 'model'?" in err
     # The launcher, before it writes or submits anything, for every point of a sweep.
     data = tmp_path / "d.jsonl"

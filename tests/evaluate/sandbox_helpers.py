@@ -3,9 +3,9 @@
 import os
 import textwrap
 
-from evaluate.code_reward import CodeProblem, split_tests
-from evaluate.sandbox import Sandbox
-from evaluate.sandbox_processes import session_processes, uid_processes
+from common.code_reward import CodeProblem, split_tests
+from common.sandbox import Sandbox
+from common.sandbox_processes import session_processes, uid_processes
 
 TEST = "assert f(1) == 2\n"
 

@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from common.rewards import RewardConfig
+from common.sandbox import SandboxConfig
 from evaluate import metrics
 from evaluate.__main__ import EvalConfig, evaluate, main
-from evaluate.rewards import RewardConfig
-from evaluate.sandbox import SandboxConfig
 
 
 @pytest.fixture(scope="module")
@@ -122,8 +122,8 @@ def test_reward_model_scores_through_the_cli(models, tmp_path):
     its scores do not depend on batching (padding)."""
     from transformers import AutoTokenizer, LlamaForSequenceClassification
 
+    from common.reward_model import RewardModel
     from common.tiny import ensure_tiny, model_config
-    from evaluate.rewards import RewardModelScorer
 
     tok = AutoTokenizer.from_pretrained(ensure_tiny())
     torch.manual_seed(3)
@@ -132,7 +132,9 @@ def test_reward_model_scores_through_the_cli(models, tmp_path):
     )
     rm.save_pretrained(tmp_path / "rm")
     tok.save_pretrained(tmp_path / "rm")
-    scorer = RewardModelScorer(str(tmp_path / "rm"), torch.device("cpu"), batch_size=4)
+    scorer = RewardModel(
+        RewardConfig(fn="model", model=str(tmp_path / "rm"), batch_size=4, device="cpu")
+    )
     texts = ["1 2 3", "3 2 1 0 0 0 9", "", "sort me please"]
     one_by_one = [scorer.score_texts([t])[0] for t in texts]
     assert scorer.score_texts(texts) == pytest.approx(one_by_one, abs=1e-5)
@@ -142,7 +144,7 @@ def test_reward_model_scores_through_the_cli(models, tmp_path):
     main(
         [
             f"models=[tiny,{models['perturbed']}]",
-            "reward.kind=model",
+            "reward.fn=model",
             f"reward.model={tmp_path / 'rm'}",
             "n_prompts=3",
             "n=2",
@@ -160,7 +162,7 @@ def test_reward_model_scores_through_the_cli(models, tmp_path):
 
 
 def test_code_rewards_end_to_end(tmp_path):
-    """reward.kind=code: problems as prompts, pass@k and per-sample reasons in the samples."""
+    """reward.fn=code: problems as prompts, pass@k and per-sample reasons in the samples."""
     problems = tmp_path / "problems.jsonl"
     rows = [
         {
@@ -177,7 +179,7 @@ def test_code_rewards_end_to_end(tmp_path):
         EvalConfig(
             models=["tiny"],
             prompts=str(problems),
-            reward=RewardConfig(kind="code", sandbox=SandboxConfig(wall_seconds=2.0, workers=2)),
+            reward=RewardConfig(fn="code", sandbox=SandboxConfig(wall_seconds=2.0, workers=2)),
             n=2,
             max_new_tokens=8,
             pass_k=[1, 2],

@@ -9,7 +9,7 @@ import textwrap
 import pytest
 from sandbox_helpers import TEST
 
-from evaluate.code_reward import CodeProblem, run_tests, split_tests
+from common.code_reward import CodeProblem, run_tests, split_tests
 from evaluate.metrics import pass_at_k
 
 # --------------------------------------------------------------------------- honest
@@ -140,7 +140,7 @@ def test_without_root_a_user_namespace_gives_the_same_isolation():
         f"""
             import json, sys
             sys.path.insert(0, {str(repo)!r})
-            from evaluate.sandbox import Sandbox, SandboxConfig
+            from common.sandbox import Sandbox, SandboxConfig
             sb = Sandbox(SandboxConfig(workers=1, wall_seconds=2.0))
             out = {{"layers": sb.layers, "missing": sb.missing_layers()}}
             for name, body in [

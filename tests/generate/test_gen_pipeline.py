@@ -166,10 +166,10 @@ def test_killed_shard_resumes_without_redoing_chunks(tmp_path, prompts):
     rows = _read(tmp_path / "reward.parquet")
     ids = [c["completion_id"] for r in rows for c in r["completions"]]
     assert len(rows) == 6 and len(ids) == 12 == len(set(ids))
-    from gen_helpers import length_reward
+    from gen_helpers import length_score
 
     for r in rows:
-        assert r["ref_rewards"] == [length_reward(None, c["text"]) for c in r["completions"]]
+        assert r["ref_rewards"] == [length_score(c["text"]) for c in r["completions"]]
 
 
 def _copy_step(src: Path, dst: Path, step: str) -> Path:

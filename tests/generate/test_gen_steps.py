@@ -12,13 +12,13 @@ import torch
 from common.config import build_config
 from common.data import DataConfig, DataError, load_canonical
 from common.model import ModelConfig, load_model, load_tokenizer
+from common.rewards import REWARDS, register_reward
 from common.sampling import generate_samples, sample_completions
 from common.tiny import TASK
 from generate.build import build_rows
 from generate.config import PipelineConfig
 from generate.pipeline import run_pipeline, run_step
 from generate.records import read_data_groups
-from generate.reward import REWARDS, register_reward
 from generate.shards import ShardError, read_rows_parquet, resolve_shard
 
 QUIET = lambda *_: None  # noqa: E731
@@ -94,12 +94,19 @@ def test_nan_or_missing_reward_stops_naming_the_row(tmp_path):
     data = _grouped(tmp_path)
 
     @register_reward("nan_on_row_1")
-    def nan_on_row_1(prompt, completion):
-        return math.nan if prompt == TASK.prompts("eval", 3)[1] and completion == "2 1 3" else 1.0
+    def nan_on_row_1(rows, completions, cfg):
+        bad = TASK.prompts("eval", 3)[1]
+        return [
+            [math.nan if r["prompt"] == bad and c == "2 1 3" else 1.0 for c in cs]
+            for r, cs in zip(rows, completions)
+        ]
 
     @register_reward("none_on_row_2")
-    def none_on_row_2(prompt, completion):
-        return None if prompt == TASK.prompts("eval", 3)[2] else 1.0
+    def none_on_row_2(rows, completions, cfg):
+        bad = TASK.prompts("eval", 3)[2]
+        return [
+            [None if r["prompt"] == bad else 1.0 for _ in cs] for r, cs in zip(rows, completions)
+        ]
 
     try:
         cfg = _cfg(tmp_path / "a", data, "steps=[reward]", "reward.fn=nan_on_row_1")
@@ -116,7 +123,7 @@ def test_nan_or_missing_reward_stops_naming_the_row(tmp_path):
 
 
 def test_reward_functions_see_the_rows_other_columns(tmp_path):
-    # The hook for code rewards: the problem's tests travel as `info`; one call per chunk.
+    # What code rewards need: the problem's tests travel as `info`; one call per chunk.
     data = _write(
         tmp_path / "problems.jsonl",
         [
@@ -130,10 +137,10 @@ def test_reward_functions_see_the_rows_other_columns(tmp_path):
     )
     calls = []
 
-    @register_reward("exact_answer", batched=True)
-    def exact_answer(items):
-        calls.append(len(items))
-        return [float(c == info["answer"]) for _, c, info in items]
+    @register_reward("exact_answer")
+    def exact_answer(rows, completions, cfg):
+        calls.append(sum(len(cs) for cs in completions))
+        return [[float(c == r["answer"]) for c in cs] for r, cs in zip(rows, completions)]
 
     try:
         cfg = _cfg(tmp_path, data, "steps=[reward,build,merge]", "reward.fn=exact_answer")

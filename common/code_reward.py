@@ -26,8 +26,8 @@ import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from evaluate.sandbox import Sandbox
-from evaluate.sandbox_result import RunResult
+from common.sandbox import Sandbox
+from common.sandbox_result import RunResult
 
 STOP_SEQUENCES = ("\nclass ", "\ndef ", "\n#", "\nif __name__", "\nprint(", "\nassert ")
 _FENCE = re.compile(r"```[ \t]*(?:python|py|python3)?[ \t]*\n(.*?)(?:```|$)", re.DOTALL)
@@ -197,7 +197,7 @@ def run_tests(sandbox: Sandbox, problem: CodeProblem, completion: str) -> CodeRe
     )
 
 
-def score(
+def score_problems(
     sandbox: Sandbox, problems: list[CodeProblem], completions: list[list[str]]
 ) -> list[list[CodeResult]]:
     """completions[i][j] (sample j of problem i) -> its CodeResult, `sandbox.workers` at once."""

@@ -51,14 +51,14 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from evaluate.sandbox_processes import (
+from common.sandbox_processes import (
     kill_group,
     session_processes,
     uid_processes,
     wait_exit,
     world_enterable,
 )
-from evaluate.sandbox_result import RunResult, read_available, read_layers, read_tail, verdict
+from common.sandbox_result import RunResult, read_available, read_layers, read_tail, verdict
 
 # The child side, passed to fresh interpreters as source (sandbox_launcher.py explains why).
 LAUNCHER_SOURCE = Path(__file__).with_name("sandbox_launcher.py").read_text()

@@ -1,0 +1,117 @@
+"""One reward registry for generate and evaluate: a reward registered through the public path
+scores generate's reference samples and evaluate's held-out samples alike; the code reward
+serves the reward step too; the renamed key `reward.kind` names its new key."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from common.config import ConfigError, build_config
+from common.rewards import REWARDS, RewardConfig, register_reward
+from common.tiny import TASK
+from evaluate.evaluate import EvalConfig, evaluate
+from generate.config import PipelineConfig
+from generate.pipeline import run_step
+from generate.shards import read_rows_parquet
+
+QUIET = lambda *_: None  # noqa: E731
+
+
+def _words(text: str) -> float:
+    return float(len(text.split()))
+
+
+@pytest.fixture
+def words_reward():
+    """A toy reward: the completion's length in words, registered as `reward.fn=words`."""
+    calls = []
+
+    @register_reward("words")
+    def words(rows, completions, cfg):
+        calls.append([r["prompt"] for r in rows])
+        return [[_words(c) for c in cs] for cs in completions]
+
+    yield calls
+    del REWARDS["words"]
+
+
+def _write(path: Path, rows: list[dict]) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def _pipeline(tmp_path: Path, data: str, *overrides: str) -> PipelineConfig:
+    return build_config(
+        PipelineConfig,
+        None,
+        [f"data.path={data}", f"out={tmp_path}", "shard=0", "num_shards=1", *overrides],
+    )
+
+
+def test_a_registered_reward_scores_generate_and_evaluate_alike(tmp_path, words_reward):
+    texts = ["1 2", "2 1 3", "x", "0 0 0 0"]
+    prompts = TASK.prompts("eval", 3)
+    data = _write(
+        tmp_path / "grouped.jsonl",
+        [{"prompt": p, "responses": [{"text": t} for t in texts]} for p in prompts],
+    )
+    cfg = _pipeline(tmp_path / "gen", data, "steps=[reward]", "reward.fn=words")
+    run_step(cfg, "reward", QUIET)
+    rows = read_rows_parquet(next((tmp_path / "gen").rglob("chunk-000000.parquet")))
+    assert [r["ref_rewards"] for r in rows] == [[2.0, 3.0, 1.0, 4.0]] * 3
+    assert [c["reward"] for r in rows for c in r["completions"]] == [_words(t) for t in texts] * 3
+    assert words_reward == [prompts]  # one call for the chunk, with the chat prompts as given
+
+    out = tmp_path / "eval" / "eval.json"
+    res = evaluate(
+        EvalConfig(
+            models=["tiny"],
+            reward=RewardConfig(fn="words"),
+            n_prompts=3,
+            n=2,
+            max_new_tokens=8,
+            kl=False,
+            plots=False,
+            out=str(out),
+        )
+    )
+    samples = [json.loads(x) for x in Path(res["files"]["samples"]).read_text().splitlines()]
+    assert len(samples) == 6 and len({s["completion"] for s in samples}) > 1
+    assert [s["reward"] for s in samples] == [_words(s["completion"]) for s in samples]
+    assert res["models"]["tiny"]["mean_reward"] == pytest.approx(
+        sum(_words(s["completion"]) for s in samples) / 6
+    )
+    assert "reward: words" in Path(res["files"]["markdown"]).read_text()
+
+
+def test_the_code_reward_scores_generates_reference_samples(tmp_path):
+    problem = {
+        "prompt": "def add(a, b):\n",
+        "test": "def check(candidate):\n    assert candidate(1, 2) == 3\n"
+        "    assert candidate(2, 2) == 4\n    assert candidate(0, 0) == 1\n",
+        "entry_point": "add",
+        "responses": [{"text": "    return a + b\n"}, {"text": "    return 3\n"}],
+    }
+    data = _write(tmp_path / "problems.jsonl", [problem])
+    cfg = _pipeline(
+        tmp_path / "gen",
+        data,
+        "steps=[reward]",
+        "reward.fn=code",
+        "reward.sandbox.wall_seconds=5",
+        "reward.sandbox.workers=2",
+    )
+    run_step(cfg, "reward", QUIET)
+    (row,) = read_rows_parquet(next((tmp_path / "gen").rglob("chunk-000000.parquet")))
+    # a + b passes 2 of the 3 asserts (the third is wrong on purpose), `return 3` passes 1.
+    assert row["ref_rewards"] == [2 / 3, 1 / 3]
+
+
+def test_unknown_and_renamed_reward_keys_name_what_to_write():
+    with pytest.raises(ConfigError, match=r"'reward.kind' is now 'reward.fn'"):
+        build_config(EvalConfig, None, ["models=[tiny]", "reward.kind=model"])
+    with pytest.raises(ConfigError, match=r"'reward.fn': 'wordz' is not one of .*code, model"):
+        RewardConfig(fn="wordz")
+    with pytest.raises(ConfigError, match="cannot import no_such_module"):
+        evaluate(EvalConfig(models=["tiny"], reward=RewardConfig(fn="no_such_module:words")))
