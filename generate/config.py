@@ -19,13 +19,12 @@ from pathlib import Path
 
 from common.config import ConfigError, choice, doc, sub
 from common.data import DataConfig
-from common.model import DTYPES, ModelConfig
+from common.model import DTYPES, MIXED_PRECISIONS, ModelConfig
 from kernels.api import LOGPROB_BACKENDS
 
 STEPS = ("sample", "reward", "build", "ref_logps", "merge")
 REGIMES = ("pointwise", "best_worst", "random_pairs", "offline")
 SAMPLE_BACKENDS = ("auto", "transformers", "vllm")
-MIXED_PRECISIONS = ("no", "bf16", "fp16")
 
 
 @dataclass
