@@ -42,6 +42,20 @@ def test_specs_say_what_the_loop_needs():
         register_algorithm(Algorithm("dpo", lambda inputs, cfg: None))
 
 
+@pytest.mark.parametrize("name", sorted(BUILT_IN))
+def test_every_spec_builds_and_prepares_its_examples(tmp_path, data_files, name):
+    spec = get_algorithm(name)
+    data = data_files["pairs" if spec.pairs else "grouped"]
+    examples, _ = load_examples(train_config(tmp_path, data, name))
+    assert examples and all(len(e.sequences) == spec.sequences_per_example for e in examples)
+    rewards = torch.tensor([s.reward for e in examples for s in e.sequences], dtype=torch.float64)
+    if name in ("dro", "rpo_partition"):  # z-scored over the training set
+        assert abs(rewards.mean().item()) < 1e-9
+        assert rewards.std(correction=0).item() == pytest.approx(1.0)
+    elif spec.needs_rewards:
+        assert rewards.min() >= 0 and rewards.max() <= 1  # the tiny task's raw graded rewards
+
+
 # --- a loss added from outside the package -------------------------------------------------------
 
 

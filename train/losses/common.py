@@ -31,9 +31,9 @@ def zscore(rewards: Tensor) -> Tensor:
     return (r - r.mean()) / std
 
 
-def zscore_rewards(sequences: list) -> None:
+def zscore_rewards(sequences: list, cfg=None) -> None:
     """Replace every training sequence's reward by its z-score over the whole training set (DRO
-    and reward partitioning standardise rewards once, before training)."""
+    and reward partitioning standardise rewards once, before training). A spec's `prepare`."""
     standard = zscore(torch.tensor([s.reward for s in sequences], dtype=torch.float64)).tolist()
     for s, r in zip(sequences, standard):
         s.reward = r
