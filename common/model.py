@@ -13,6 +13,9 @@ from common.config import choice, doc
 from common.tiny import TINY_NAME, ensure_tiny
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Autocast around a model's forward (accelerate's mixed_precision names), shared by training and
+# reference log-prob generation, which must compute in the same precision.
+MIXED_PRECISIONS = ("no", "bf16", "fp16")
 
 
 @dataclass

@@ -19,10 +19,9 @@ from pathlib import Path
 
 from common.config import ConfigError, choice, doc, sub
 from common.data import DataConfig
-from common.model import ModelConfig
+from common.model import MIXED_PRECISIONS, ModelConfig
 from common.rewards import RewardConfig
 from kernels.logprobs_api import LOGPROB_BACKENDS
-from kernels.sequence_model import MIXED_PRECISIONS
 
 STEPS = ("sample", "reward", "build", "ref_logps", "merge")
 REGIMES = ("pointwise", "best_worst", "random_pairs", "offline")

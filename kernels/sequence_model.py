@@ -23,8 +23,8 @@ import kernels
 from common.attention import packing_kwargs
 from common.packing import Example, collate, pack
 
-# `run.mixed_precision` / `ref_logps.mixed_precision` values and the autocast dtype of each.
-MIXED_PRECISIONS = ("no", "bf16", "fp16")
+# The autocast dtype of each `run.mixed_precision` / `ref_logps.mixed_precision` value
+# (common.model.MIXED_PRECISIONS).
 _COMPUTE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 

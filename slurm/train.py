@@ -131,7 +131,7 @@ def plan_runs(args: LaunchArgs) -> tuple[str, list[Run]]:
 
 def check_runs(runs: list[Run], slurm: SlurmConfig) -> None:
     """What the job would only find out on the nodes, found here."""
-    from train.config import PAIR_ALGORITHMS
+    from train.losses import get_algorithm
     from train.resume import check_fresh
 
     inputs = {
@@ -167,9 +167,8 @@ def check_runs(runs: list[Run], slurm: SlurmConfig) -> None:
                 f"run.preempt_signals={run.cfg.run.preempt_signals} lacks {sig}, the signal "
                 "SLURM sends before the time limit: the run could not checkpoint on it"
             )
-        per_step = run.cfg.run.global_batch // (
-            2 if run.cfg.loss.algorithm in PAIR_ALGORITHMS else 1
-        )
+        spec = get_algorithm(run.cfg.loss.algorithm)
+        per_step = run.cfg.run.global_batch // spec.sequences_per_example
         if per_step < world:
             raise ConfigError(
                 f"run.global_batch={run.cfg.run.global_batch} gives {per_step} examples per "

@@ -7,15 +7,12 @@ from typing import Optional
 
 from common.config import ConfigError, choice, doc, sub
 from common.data import DataConfig
-from common.model import ModelConfig
+from common.model import MIXED_PRECISIONS, ModelConfig
 from kernels.logprobs_api import LOGPROB_BACKENDS
 from kernels.partition import EMPIRICAL_ESTIMATORS, PARTITIONS
 from kernels.qrpo import ESTIMATORS, LOSS_TYPES, TRANSFORMS
-from kernels.sequence_model import MIXED_PRECISIONS
+from train.losses import algorithm_names, get_algorithm
 
-ALGORITHMS = ("sft", "qrpo", "dpo", "simpo", "rebel", "kto", "dro", "rpo_partition")
-PAIR_ALGORITHMS = ("dpo", "simpo", "rebel")
-REFERENCE_FREE = ("sft", "simpo")
 REFERENCE_SOURCES = ("auto", "data", "model")
 RESUME_MODES = ("auto", "force", "never")
 
@@ -29,7 +26,9 @@ def scheduler_names() -> tuple[str, ...]:
 
 @dataclass
 class LossConfig:
-    algorithm: str = choice("qrpo", ALGORITHMS, "training algorithm")
+    algorithm: str = choice(
+        "qrpo", algorithm_names, "training algorithm (train/losses/: one file per algorithm)"
+    )
     beta: float = doc(1e-2, "QRPO/DPO/REBEL/KTO beta (SimPO: its beta)")
     length_normalized: bool = doc(
         False, "QRPO: beta_eff = beta/|y| per sample, clamped at max_beta"
@@ -152,7 +151,7 @@ class TrainConfig:
     run: RunConfig = sub(RunConfig, "run directory, batch, checkpoints, logging")
 
     def __post_init__(self):
-        pairs = self.loss.algorithm in PAIR_ALGORITHMS
+        pairs = get_algorithm(self.loss.algorithm).pairs
         if pairs and self.run.global_batch % 2:
             raise ConfigError(
                 "run.global_batch counts sequences: pair algorithms need an even number"

@@ -14,13 +14,13 @@ import math
 import torch
 
 from common.packing import Example, Sequence
-from train.config import PAIR_ALGORITHMS, TrainConfig
-from train.losses import zscore
+from train.config import TrainConfig
+from train.losses import get_algorithm
 
 
 def build_examples(rows: list[dict], cfg: TrainConfig) -> list[Example]:
-    """Canonical tokenized rows -> the algorithm's examples."""
-    algo = cfg.loss.algorithm
+    """Canonical tokenized rows -> the algorithm's examples (its spec's `build` and `prepare`)."""
+    spec = get_algorithm(cfg.loss.algorithm)
     prompt_index: dict[str, int] = {}
     examples = []
     for row in rows:
@@ -29,37 +29,10 @@ def build_examples(rows: list[dict], cfg: TrainConfig) -> list[Example]:
         def seq(c: dict, desirable: bool = True, row=row, pi=pi) -> Sequence:
             return _sequence(row, pi, c, cfg.loss.exclude_self, desirable)
 
-        comps = row["completions"]
-        if algo in PAIR_ALGORITHMS:
-            examples.append(Example([seq(comps[row["chosen"]]), seq(comps[row["rejected"]])]))
-        elif algo == "sft":
-            use = [comps[row["chosen"]]] if row["chosen"] >= 0 else comps
-            examples.extend(Example([seq(c)]) for c in use)
-        elif algo == "kto":
-            for j, c in enumerate(comps):
-                if row["chosen"] >= 0:
-                    good = j == row["chosen"]
-                else:
-                    good = c["reward"] is not None and c["reward"] >= cfg.loss.kto_threshold
-                examples.append(Example([seq(c, desirable=good)]))
-        else:  # pointwise algorithms: every completion is a sample (pairs give two)
-            examples.extend(Example([seq(c)]) for c in comps)
-    if algo in ("dro", "rpo_partition"):
-        _zscore_rewards(examples)
-    if algo == "qrpo" and cfg.loss.transform == "scaled_normal_icdf":
-        _reference_sigmas(examples)
+        examples.extend(Example(sequences) for sequences in spec.build(row, seq, cfg.loss))
+    if spec.prepare is not None:
+        spec.prepare([s for e in examples for s in e.sequences], cfg.loss)
     return examples
-
-
-def _reference_sigmas(examples: list[Example]) -> None:
-    """sigma = per-prompt std (ddof 1) of the reference rewards / its mean over the train set."""
-    seqs = [s for e in examples for s in e.sequences]
-    stds = [torch.tensor(s.ref_rewards, dtype=torch.float64).std().item() for s in seqs]
-    mean = sum(stds) / len(stds)
-    for s, std in zip(seqs, stds):
-        # A prompt whose reference rewards all tie gets f(q) ~ 0: a target of "stay at the
-        # reference". The floor keeps sigma inside the kernel's domain (sigma > 0).
-        s.sigma = max(std / mean, 1e-6) if mean > 0 else 1.0
 
 
 def mismatched(examples: list[Example]) -> list[Example]:
@@ -90,18 +63,6 @@ def _sequence(
         ref_index=c["ref_index"] if exclude_self else -1,
         desirable=desirable,
     )
-
-
-def _zscore_rewards(examples: list[Example]) -> None:
-    """DRO and reward partitioning standardise rewards over the training set (REFERENCE.md 3)."""
-    seqs = [s for e in examples for s in e.sequences]
-    standard = zscore(torch.tensor([s.reward for s in seqs], dtype=torch.float64)).tolist()
-    for s, r in zip(seqs, standard):
-        s.reward = r
-
-
-def sequences_per_example(cfg: TrainConfig) -> int:
-    return 2 if cfg.loss.algorithm in PAIR_ALGORITHMS else 1
 
 
 def steps_per_epoch(num_examples: int, examples_per_step: int) -> int:

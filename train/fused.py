@@ -1,9 +1,9 @@
 """The fused head+loss pass in the training loop (`loss.fused_head`).
 
 For algorithms whose loss depends on each sequence only through its own log-prob or its pair's
-(SFT, QRPO; DPO, SimPO, REBEL), `kernels.fused_head_loss` computes the log-probs, the loss and
+(their spec says `fused_head=True`: SFT, QRPO; DPO, SimPO, REBEL), `kernels.fused_head_loss` computes the log-probs, the loss and
 the LM head's gradients in one sweep over the vocabulary (3 GEMM units instead of 4). The loss is
-the loop's own: `example_losses` on the micro-batch, summed, as a closure of the log-probs, so the
+the loop's own: the spec's loss on the micro-batch, summed, as a closure of the log-probs, so the
 fused and the two-pass paths give the same loss and gradients (tests/train/test_fused_loop.py).
 KTO (its reference point is estimated from other completions), DRO (its value table is a
 trainable parameter of the loss) and reward partitioning take the two-pass path.
@@ -20,13 +20,11 @@ from collections.abc import Callable
 import torch
 
 from common.packing import Batch
-from train.config import PAIR_ALGORITHMS
-
-FUSED_ALGORITHMS = ("sft", "qrpo", "dpo", "simpo", "rebel")
+from train.losses import get_algorithm
 
 
 def fused_head_applies(cfg, device: torch.device) -> bool:
-    allowed = cfg.loss.algorithm in FUSED_ALGORITHMS and cfg.loss.kernel_backend != "naive"
+    allowed = get_algorithm(cfg.loss.algorithm).fused_head and cfg.loss.kernel_backend != "naive"
     if cfg.loss.fused_head is None:
         return allowed and device.type == "cuda"
     return allowed and bool(cfg.loss.fused_head)
@@ -54,7 +52,7 @@ def fused_micro_batch_loss(
     loss, logps = policy(
         *batch.model_inputs(),
         loss_fn=loss_fn,
-        group_size=2 if cfg.loss.algorithm in PAIR_ALGORITHMS else 1,
+        group_size=get_algorithm(cfg.loss.algorithm).sequences_per_example,
         host_cu_seqlens=batch.host_score_cu_seqlens,
     )
     generator.set_state(state)

@@ -28,12 +28,13 @@ from common.model import ModelConfig, load_model, load_tokenizer
 from common.packing import Batch, Example, collate, pack
 from common.tokenize import tokenize_rows
 from kernels.sequence_model import SequenceLogprobModel, compute_dtype, sequence_logps
-from train import losses
 from train.accelerator import freeze_reference, make_accelerator, make_optimizer
 from train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from train.config import PAIR_ALGORITHMS, REFERENCE_FREE, TrainConfig
+from train.config import TrainConfig
 from train.data import build_examples, global_batch_indices, mismatched
 from train.fused import fused_head_applies, fused_micro_batch_loss
+from train.losses import Algorithm, LossInputs, get_algorithm
+from train.metrics import flat_config, plot_curves, truncate_log
 from train.preemption import PreemptionFlag
 from train.profiling import StepProfiler
 from train.resume import apply_new_values, describe, plan_resume, record_start, schedule_length
@@ -48,15 +49,9 @@ class TrainingError(RuntimeError):
 
 def load_examples(cfg: TrainConfig, tokenizer=None) -> tuple[list[Example], object]:
     """Data -> checked, tokenized examples. Runs before any model is loaded."""
-    algo = cfg.loss.algorithm
-    needs_rewards = algo in ("qrpo", "rebel", "dro", "rpo_partition")
-    min_refs = max(cfg.data.min_ref_rewards, 1 if algo == "qrpo" else 0)
-    if algo == "qrpo" and cfg.loss.transform in ("normal_icdf", "scaled_normal_icdf"):
-        min_refs = max(min_refs, 3)
-    cfg.data.min_ref_rewards = min_refs
-    rows = load_canonical(
-        cfg.data, require_rewards=needs_rewards, require_pairs=algo in PAIR_ALGORITHMS
-    )
+    spec = get_algorithm(cfg.loss.algorithm)
+    cfg.data.min_ref_rewards = max(cfg.data.min_ref_rewards, spec.min_ref_rewards(cfg.loss))
+    rows = load_canonical(cfg.data, require_rewards=spec.needs_rewards, require_pairs=spec.pairs)
     tokenizer = tokenizer or load_tokenizer(cfg.model)
     rows, dropped = tokenize_rows(rows, tokenizer, cfg.data, cfg.data.path)
     if dropped:
@@ -66,7 +61,7 @@ def load_examples(cfg: TrainConfig, tokenizer=None) -> tuple[list[Example], obje
 
 def reference_source(cfg: TrainConfig, examples: list[Example]) -> str:
     """'none', 'data' (precomputed log-probs) or 'model' (a frozen model on the fly)."""
-    if cfg.loss.algorithm in REFERENCE_FREE:
+    if not get_algorithm(cfg.loss.algorithm).needs_reference:
         return "none"
     have = [not math.isnan(s.ref_logp) for e in examples for s in e.sequences]
     if cfg.ref.source == "model" or (cfg.ref.source == "auto" and not all(have)):
@@ -100,80 +95,6 @@ def check_precomputed_reference(policy, examples, cfg: TrainConfig, device) -> f
     return gap
 
 
-# --------------------------------------------------------------------------- the loss of a step
-
-
-def example_losses(
-    cfg: TrainConfig,
-    batch: Batch,
-    logps: torch.Tensor,
-    ref_logps: torch.Tensor,
-    model: SequenceLogprobModel,
-    rpo_values: torch.Tensor | None,
-    generator: torch.Generator | None,
-    kl_logps: tuple[torch.Tensor, torch.Tensor] | None = None,
-):
-    """Per-example losses [E] and metrics for one micro-batch (sequences in packing order)."""
-    lc, algo = cfg.loss, cfg.loss.algorithm
-    if algo == "sft":
-        return losses.sft_loss(logps, batch.num_tokens)
-    if algo in PAIR_ALGORITHMS:
-        pc, pr = logps[0::2], logps[1::2]
-        if algo == "simpo":
-            return losses.simpo_loss(
-                pc, pr, batch.num_tokens[0::2], batch.num_tokens[1::2], beta=lc.beta, gamma=lc.gamma
-            )
-        rc, rr = ref_logps[0::2], ref_logps[1::2]
-        if algo == "dpo":
-            return losses.dpo_loss(pc, pr, rc, rr, beta=lc.beta)
-        return losses.rebel_loss(
-            pc, pr, rc, rr, batch.rewards[0::2], batch.rewards[1::2], beta=lc.beta
-        )
-    if algo == "qrpo":
-        return losses.qrpo_loss(
-            logps,
-            ref_logps,
-            batch.rewards,
-            batch.ref_rewards,
-            beta=lc.beta,
-            num_tokens=batch.num_tokens,
-            length_normalized=lc.length_normalized,
-            max_beta=lc.max_beta,
-            transform=lc.transform,
-            ref_mask=batch.ref_mask,
-            sigma=batch.sigma if lc.transform == "scaled_normal_icdf" else None,
-            estimator=lc.estimator,
-            exclude_index=batch.ref_index,
-            loss_type=lc.loss_type,
-            generator=generator,
-            backend=lc.kernel_backend,
-            partition=lc.partition,
-        )
-    if algo == "kto":
-        return losses.kto_loss(
-            logps,
-            ref_logps,
-            batch.desirable,
-            beta=lc.beta,
-            kl_logps=None if kl_logps is None else kl_logps[0],
-            kl_ref_logps=None if kl_logps is None else kl_logps[1],
-            desirable_weight=lc.kto_desirable_weight,
-            undesirable_weight=lc.kto_undesirable_weight,
-        )
-    if algo == "dro":
-        return losses.dro_loss(
-            logps, ref_logps, batch.rewards, model.values[batch.prompt_index], tau=lc.tau
-        )
-    return losses.rpo_partition_loss(
-        logps,
-        ref_logps,
-        batch.rewards,
-        batch.num_tokens,
-        rpo_values[batch.prompt_index],
-        tau=lc.tau,
-    )
-
-
 # --------------------------------------------------------------------------- main
 
 
@@ -182,8 +103,9 @@ def train(cfg: TrainConfig) -> dict:
     from transformers import get_scheduler
 
     # ---- data first: every data problem is reported before a model is loaded
+    spec = get_algorithm(cfg.loss.algorithm)
     examples, tokenizer = load_examples(cfg)
-    seqs_per_example = 2 if cfg.loss.algorithm in PAIR_ALGORITHMS else 1
+    seqs_per_example = spec.sequences_per_example
     per_step = cfg.run.global_batch // seqs_per_example
     if per_step > len(examples):
         raise ConfigError(
@@ -218,7 +140,7 @@ def train(cfg: TrainConfig) -> dict:
     policy = SequenceLogprobModel(
         causal_lm,
         cfg.loss.kernel_backend,
-        num_values=num_prompts if cfg.loss.algorithm == "dro" else 0,
+        num_values=num_prompts if spec.learned_values else 0,
     )
     policy.to(device)
     ref_model = None
@@ -234,9 +156,9 @@ def train(cfg: TrainConfig) -> dict:
         with accelerator.autocast():  # the same precision as the loop's own forward
             gap = check_precomputed_reference(policy.eval(), examples, cfg, device)
         log(f"reference: precomputed log-probs match the starting policy (max gap {gap:.2e} nats)")
-    rpo_values = None
-    if cfg.loss.algorithm == "rpo_partition":
-        rpo_values = _partition_values(cfg, examples, ref_model, device, num_prompts)
+    prompt_values = None
+    if spec.prompt_values is not None:
+        prompt_values = _fixed_prompt_values(spec, cfg, examples, ref_model, device, num_prompts)
 
     groups = [{"params": [p for n, p in policy.named_parameters() if n != "values"]}]
     if policy.values is not None:
@@ -253,7 +175,7 @@ def train(cfg: TrainConfig) -> dict:
     policy, optimizer = accelerator.prepare(policy, optimizer)
     accelerator.register_for_checkpointing(scheduler)
     if accelerator.is_main_process and cfg.run.trackers:
-        accelerator.init_trackers(cfg.run.project, config=_flat(cfg))
+        accelerator.init_trackers(cfg.run.project, config=flat_config(cfg))
 
     # ---- resume (train/resume.py: run.resume and a changed config)
     step, metrics_log = 0, run_dir / "metrics.jsonl"
@@ -265,7 +187,7 @@ def train(cfg: TrainConfig) -> dict:
     if plan.applies_new_values:
         apply_new_values(cfg, optimizer, scheduler, log)
     if accelerator.is_main_process:
-        _truncate_log(metrics_log, step)
+        truncate_log(metrics_log, step)
 
     flops_per_token = train_flops_per_token(causal_lm, with_reference=ref_model is not None)
     peak = cfg.run.peak_tflops or measure_peak_tflops(device, causal_lm.dtype)
@@ -292,7 +214,7 @@ def train(cfg: TrainConfig) -> dict:
             t0 = time.perf_counter()
             policy.train()
             indices = global_batch_indices(len(examples), per_step, step, cfg.run.seed)
-            if cfg.loss.algorithm == "sft":  # token-mean NLL over the whole global batch
+            if spec.token_mean:  # e.g. SFT's token-mean NLL over the whole global batch
                 denominator = sum(examples[i].sequences[0].num_completion_tokens for i in indices)
             else:  # mean over the global batch's examples
                 denominator = len(indices)
@@ -311,7 +233,7 @@ def train(cfg: TrainConfig) -> dict:
                         cfg.run.seed * 7919 + step * 1009 + rank * 101 + k
                     )
                     local, metrics = micro_batch_loss(
-                        cfg, accelerator, policy, ref_model, group, batch, rpo_values, gen, step
+                        cfg, accelerator, policy, ref_model, group, batch, prompt_values, gen, step
                     )
                     # DDP averages gradients over processes, hence the factor `world`.
                     accelerator.backward(local * world / denominator)
@@ -410,57 +332,43 @@ def micro_batch_loss(
     ref_model,
     group: list[Example],
     batch: Batch,
-    rpo_values,
+    prompt_values,
     generator,
     step: int,
 ) -> tuple[torch.Tensor, dict]:
     """Forward of one packed micro-batch: the summed per-example loss and its metrics."""
+    spec = get_algorithm(cfg.loss.algorithm)
+    model = accelerator.unwrap_model(policy)
+    if spec.learned_values:  # DRO: V(x), trained with the policy
+        values = model.values[batch.prompt_index]
+    else:  # fixed per-prompt values (reward partitioning's V_hat), or none
+        values = None if prompt_values is None else prompt_values[batch.prompt_index]
 
     def reference(b: Batch) -> torch.Tensor:
         with torch.no_grad():
             return ref_model(*b.model_inputs()).float()
+
+    def loss_of(logps, ref_logps, kl_logps=None):
+        inputs = LossInputs(logps, batch, ref_logps, values, kl_logps, generator)
+        return spec.loss(inputs, cfg.loss)
 
     try:
         if fused_head_applies(cfg, batch.input_ids.device):
             with accelerator.autocast():
                 ref_logps = batch.ref_logps if ref_model is None else reference(batch)
                 return fused_micro_batch_loss(
-                    cfg,
-                    policy,
-                    batch,
-                    lambda lp: example_losses(
-                        cfg,
-                        batch,
-                        lp,
-                        ref_logps,
-                        accelerator.unwrap_model(policy),
-                        rpo_values,
-                        generator,
-                    ),
-                    generator,
+                    cfg, policy, batch, lambda lp: loss_of(lp, ref_logps), generator
                 )
         with accelerator.autocast():
             logps = policy(*batch.model_inputs())
             ref_logps = batch.ref_logps if ref_model is None else reference(batch)
             kl = None
-            if cfg.loss.algorithm == "kto" and ref_model is not None:
+            if spec.mismatched_kl and ref_model is not None:
                 # KTO's reference point: KL estimated on mismatched (prompt, completion) pairs.
                 kb = collate(mismatched(group), batch.input_ids.device)
                 with torch.no_grad():
-                    kl = (
-                        policy(*kb.model_inputs()).float(),
-                        reference(kb),
-                    )
-            per_example, metrics = example_losses(
-                cfg,
-                batch,
-                logps,
-                ref_logps,
-                accelerator.unwrap_model(policy),
-                rpo_values,
-                generator,
-                kl,
-            )
+                    kl = (policy(*kb.model_inputs()).float(), reference(kb))
+            per_example, metrics = loss_of(logps, ref_logps, kl)
         return per_example.sum(), metrics
     except torch.OutOfMemoryError as err:
         raise TrainingError(
@@ -470,65 +378,14 @@ def micro_batch_loss(
         ) from err
 
 
-def _partition_values(cfg, examples, ref_model, device, num_prompts) -> torch.Tensor:
-    """Reward partitioning's V_hat(x), once per prompt from the reference model."""
+def _fixed_prompt_values(
+    spec: Algorithm, cfg, examples, ref_model, device, num_prompts
+) -> torch.Tensor:
+    """Per-prompt values computed once before training from the reference log-probs of every
+    training sequence (reward partitioning's V_hat)."""
     if ref_model is not None:
         ref = sequence_logps(ref_model, examples, cfg.run.micro_batch_tokens, device).cpu()
     else:
         ref = torch.tensor([s.ref_logp for e in examples for s in e.sequences])
     seqs = [s for e in examples for s in e.sequences]
-    mean_token = ref / torch.tensor([max(s.num_completion_tokens, 1) for s in seqs])
-    values = losses.rpo_partition_values(
-        mean_token.double(),
-        torch.tensor([s.reward for s in seqs], dtype=torch.float64),
-        torch.tensor([s.prompt_index for s in seqs]),
-        num_prompts,
-        tau=cfg.loss.tau,
-    )
-    return values.float().to(device)
-
-
-def _flat(cfg: TrainConfig) -> dict:
-    out = {}
-    for section, values in asdict(cfg).items():
-        for key, value in values.items():
-            out[f"{section}.{key}"] = (
-                value if isinstance(value, (int, float, str, bool)) else str(value)
-            )
-    return out
-
-
-def _truncate_log(path: Path, step: int) -> None:
-    """After a resume, drop log records of steps the checkpoint does not contain."""
-    if not path.is_file():
-        return
-    keep = [
-        line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step
-    ]
-    path.write_text("".join(line + "\n" for line in keep))
-
-
-def plot_curves(metrics_log: Path, out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    records = [json.loads(line) for line in metrics_log.read_text().splitlines() if line]
-    if not records:
-        return
-    names = [n for n in ("loss", "grad_norm", "lr", "tokens_per_s") if n in records[0]]
-    names += [n for n in records[0] if "/" in n][:8]
-    cols = 4
-    rows = math.ceil(len(names) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3 * rows), squeeze=False)
-    steps = [r["step"] for r in records]
-    for ax, name in zip(axes.flat, names):
-        ax.plot(steps, [r.get(name, math.nan) for r in records])
-        ax.set_title(name, fontsize=9)
-        ax.set_xlabel("step", fontsize=8)
-    for ax in list(axes.flat)[len(names) :]:
-        ax.axis("off")
-    fig.tight_layout()
-    fig.savefig(out, dpi=90)
-    plt.close(fig)
+    return spec.prompt_values(ref, seqs, num_prompts, cfg.loss).to(device)

@@ -19,6 +19,8 @@ def exact_log_z(transform: str, beta: float, sigma: float = 1.0) -> float:
         z = mpmath.exp(mpmath.mpf(sigma) ** 2 / (2 * b**2))
     elif transform == "square":
         z = mpmath.sqrt(mpmath.pi * b) / 2 * mpmath.erfi(1 / mpmath.sqrt(b))
-    else:
+    elif transform == "sqrt":
         z = 2 * b * (b + (1 - b) * mpmath.exp(1 / b))
+    else:  # a new transform: write its closed form here
+        raise KeyError(f"no high-precision Z for transform {transform!r}")
     return float(mpmath.log(z))

@@ -22,10 +22,10 @@ from kernels.partition import (
     log_partition_finite_k,
     row_log_partition,
 )
+from kernels.qrpo import TRANSFORMS  # a new transform is tested everywhere below
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 needs_interpreter = pytest.mark.skipif(not INTERPRETED, reason="Triton on CPU tensors")
-TRANSFORMS = ["identity", "log", "normal_icdf", "scaled_normal_icdf", "square", "sqrt"]
 SIGMA = 0.8  # scale of scaled_normal_icdf in these tests
 
 

@@ -22,6 +22,7 @@ import triton.language as tl
 from exact_partition import exact_log_z
 
 from kernels import qrpo_loss
+from kernels.qrpo import TRANSFORMS  # a new transform is tested everywhere below
 from kernels.qrpo_triton import _ndtri
 
 # Triton on CPU tensors needs the interpreter (set by tests/conftest.py when there is no CUDA);
@@ -30,7 +31,6 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 needs_interpreter = pytest.mark.skipif(not INTERPRETED, reason="Triton on CPU tensors")
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 BACKENDS = ["torch", pytest.param("triton", marks=needs_interpreter)]
-TRANSFORMS = ["identity", "log", "normal_icdf", "scaled_normal_icdf", "square", "sqrt"]
 ESTIMATORS = ["inclusive", "midrank", "randomized"]
 
 

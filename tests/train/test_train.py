@@ -2,9 +2,7 @@
 check, resume after a real kill, two processes against one, and bad data before any model."""
 
 import json
-import math
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -14,88 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from common.config import build_config
 from common.data import DataError
 from common.packing import collate, pack
-from common.tiny import TASK
 from kernels.sequence_model import SequenceLogprobModel, sequence_logps
-from train.config import TrainConfig
+from tests.train.tiny_runs import logged_losses, train_config, write_jsonl
 from train.train import TrainingError, load_examples, train
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def _grouped_rows(n_prompts: int, k: int, seed: int = 0) -> list[dict]:
-    """Prompts of the task with k noisy answers each, scored by the task's graded reward."""
-    rng = random.Random(seed)
-    rows = []
-    for prompt in TASK.prompts("train", n_prompts):
-        texts = [TASK.demonstration(prompt, rng, noise=0.7) for _ in range(k)]
-        rows.append(
-            {
-                "prompt": prompt,
-                "responses": [{"text": t, "reward": TASK.reward(prompt, t)} for t in texts],
-            }
-        )
-    return rows
-
-
-def _pair_rows(n_prompts: int, seed: int = 0) -> list[dict]:
-    rows = []
-    for row in _grouped_rows(n_prompts, 6, seed):
-        resp = sorted(row["responses"], key=lambda r: r["reward"])
-        if resp[-1]["reward"] > resp[0]["reward"]:
-            rows.append(
-                {
-                    "prompt": row["prompt"],
-                    "chosen": resp[-1]["text"],
-                    "rejected": resp[0]["text"],
-                    "score_chosen": resp[-1]["reward"],
-                    "score_rejected": resp[0]["reward"],
-                }
-            )
-    return rows
-
-
-def _write(path: Path, rows: list[dict]) -> str:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return str(path)
-
-
-def _cfg(tmp_path: Path, data: str, algorithm: str, *overrides: str) -> TrainConfig:
-    return build_config(
-        TrainConfig,
-        None,
-        [
-            f"data.path={data}",
-            "data.max_length=48",
-            f"loss.algorithm={algorithm}",
-            f"run.run_dir={tmp_path / 'run'}",
-            "run.trackers=[]",
-            "run.plot=false",
-            "run.global_batch=16",
-            "run.micro_batch_tokens=256",
-            "run.peak_tflops=1.0",
-            "optim.warmup_ratio=0.0",
-            "optim.scheduler=constant",
-            *overrides,
-        ],
-    )
-
-
-def _losses(run_dir: Path) -> list[float]:
-    return [
-        json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
-    ]
-
-
-@pytest.fixture(scope="module")
-def data_files(tmp_path_factory):
-    d = tmp_path_factory.mktemp("data")
-    return {
-        "grouped": _write(d / "grouped.jsonl", _grouped_rows(24, 4)),
-        "pairs": _write(d / "pairs.jsonl", _pair_rows(40)),
-    }
 
 
 # Hyper-parameters chosen so that a few steps move each loss clearly on the tiny model.
@@ -115,7 +38,7 @@ ALGORITHMS = [
 def test_every_algorithm_lowers_its_loss(tmp_path, data_files, algorithm, data, overrides):
     # The same global batch every step (max_steps within one epoch would change batches), so
     # the decrease is the optimizer's doing, not a different batch.
-    cfg = _cfg(tmp_path, data_files[data], algorithm, "run.max_steps=8", *overrides)
+    cfg = train_config(tmp_path, data_files[data], algorithm, "run.max_steps=8", *overrides)
     cfg.run.global_batch = 16
     cfg.run.seed = 3
     n_examples = len(load_examples(cfg)[0])
@@ -123,7 +46,7 @@ def test_every_algorithm_lowers_its_loss(tmp_path, data_files, algorithm, data, 
     cfg.run.epochs = 8
     cfg.run.global_batch = n_examples * (2 if data == "pairs" else 1)
     train(cfg)
-    losses = _losses(Path(cfg.run.run_dir))
+    losses = logged_losses(Path(cfg.run.run_dir))
     assert len(losses) == 8 and all(map(torch.isfinite, torch.tensor(losses)))
     assert losses[-1] < losses[0] - 0.05 * abs(losses[0]), losses
     final = Path(cfg.run.run_dir) / "final"
@@ -135,7 +58,7 @@ def test_every_algorithm_lowers_its_loss(tmp_path, data_files, algorithm, data, 
 def test_packed_logps_equal_each_sequence_alone(tmp_path, data_files):
     from common.model import load_model
 
-    cfg = _cfg(tmp_path, data_files["grouped"], "qrpo")
+    cfg = train_config(tmp_path, data_files["grouped"], "qrpo")
     examples, _ = load_examples(cfg)
     model = SequenceLogprobModel(load_model(cfg.model, log=lambda *_: None), "torch").eval()
     packed = sequence_logps(model, examples[:12], token_budget=10_000, device="cpu")
@@ -151,7 +74,7 @@ def test_packed_logps_equal_each_sequence_alone(tmp_path, data_files):
 def test_precomputed_and_on_the_fly_reference_agree(tmp_path, data_files):
     from common.model import load_model
 
-    cfg = _cfg(
+    cfg = train_config(
         tmp_path / "a",
         data_files["grouped"],
         "qrpo",
@@ -170,8 +93,8 @@ def test_precomputed_and_on_the_fly_reference_agree(tmp_path, data_files):
         for resp in row["responses"]:
             resp["ref_logp"] = ref[i]
             i += 1
-    pre = _write(tmp_path / "with_ref.jsonl", rows)
-    cfg2 = _cfg(
+    pre = write_jsonl(tmp_path / "with_ref.jsonl", rows)
+    cfg2 = train_config(
         tmp_path / "b",
         pre,
         "qrpo",
@@ -182,8 +105,8 @@ def test_precomputed_and_on_the_fly_reference_agree(tmp_path, data_files):
     )
     train(cfg2)
     torch.testing.assert_close(
-        torch.tensor(_losses(tmp_path / "b" / "run")),
-        torch.tensor(_losses(tmp_path / "a" / "run")),
+        torch.tensor(logged_losses(tmp_path / "b" / "run")),
+        torch.tensor(logged_losses(tmp_path / "a" / "run")),
         rtol=1e-5,
         atol=1e-6,
     )
@@ -192,9 +115,9 @@ def test_precomputed_and_on_the_fly_reference_agree(tmp_path, data_files):
     for row in rows:
         for resp in row["responses"]:
             resp["ref_logp"] += 0.5
-    wrong = _write(tmp_path / "wrong_ref.jsonl", rows)
+    wrong = write_jsonl(tmp_path / "wrong_ref.jsonl", rows)
     with pytest.raises(TrainingError, match="do not match the starting policy"):
-        train(_cfg(tmp_path / "c", wrong, "qrpo", "ref.source=data"))
+        train(train_config(tmp_path / "c", wrong, "qrpo", "ref.source=data"))
 
 
 def test_bad_data_stops_before_any_model_is_loaded(tmp_path, monkeypatch):
@@ -204,7 +127,7 @@ def test_bad_data_stops_before_any_model_is_loaded(tmp_path, monkeypatch):
         raise AssertionError("a model was loaded before the data was checked")
 
     monkeypatch.setattr(loop, "load_model", no_model)
-    bad = _write(
+    bad = write_jsonl(
         tmp_path / "bad.jsonl",
         [
             {
@@ -217,16 +140,16 @@ def test_bad_data_stops_before_any_model_is_loaded(tmp_path, monkeypatch):
         ],
     )
     with pytest.raises(DataError, match=r"row 0, field 'responses\[1\].reward': not finite"):
-        train(_cfg(tmp_path, bad, "qrpo"))
-    pairs_needed = _write(
+        train(train_config(tmp_path, bad, "qrpo"))
+    pairs_needed = write_jsonl(
         tmp_path / "point.jsonl", [{"prompt": "a", "completion": "b", "reward": 1.0}]
     )
     with pytest.raises(DataError, match="needs chosen/rejected pairs"):
-        train(_cfg(tmp_path, pairs_needed, "dpo"))
+        train(train_config(tmp_path, pairs_needed, "dpo"))
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, data_files):
-    cfg = _cfg(
+    cfg = train_config(
         tmp_path,
         data_files["pairs"],
         "dpo",
@@ -291,7 +214,7 @@ def uninterrupted(tmp_path_factory, data_files) -> list[float]:
         env=_env(),
         capture_output=True,
     )
-    losses = _losses(run_dir)
+    losses = logged_losses(run_dir)
     assert len(losses) == STEPS
     return losses
 
@@ -314,9 +237,9 @@ def test_killed_run_resumes_to_identical_losses(tmp_path, data_files, uninterrup
     _wait_for_checkpoint(tmp_path, 6)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert 6 <= len(_losses(tmp_path)) < STEPS, "the run must be killed mid-way"
+    assert 6 <= len(logged_losses(tmp_path)) < STEPS, "the run must be killed mid-way"
     subprocess.run(args, check=True, cwd=ROOT, env=_env(), capture_output=True)
-    assert _losses(tmp_path) == uninterrupted  # bitwise, every step
+    assert logged_losses(tmp_path) == uninterrupted  # bitwise, every step
 
 
 def test_preemption_signal_saves_exits_75_and_resumes(tmp_path, data_files, uninterrupted):
@@ -327,12 +250,12 @@ def test_preemption_signal_saves_exits_75_and_resumes(tmp_path, data_files, unin
     _wait_for_checkpoint(tmp_path, 3)
     proc.send_signal(signal.SIGUSR2)
     assert proc.wait(timeout=120) == 75
-    done = len(_losses(tmp_path))
+    done = len(logged_losses(tmp_path))
     assert done < STEPS
     # The checkpoint is at the step where the processes agreed, not at the last save_every.
     assert (tmp_path / "checkpoints" / "latest").read_text().strip() == f"step_{done:08d}"
     subprocess.run(args, check=True, cwd=ROOT, env=_env(), capture_output=True)
-    assert _losses(tmp_path) == uninterrupted
+    assert logged_losses(tmp_path) == uninterrupted
 
 
 def test_two_processes_match_one(tmp_path, data_files):
@@ -377,7 +300,7 @@ def test_two_processes_match_one(tmp_path, data_files):
     assert out.returncode == 0, out.stderr[-3000:]
     assert "2 process(es)" in out.stdout
     torch.testing.assert_close(
-        torch.tensor(_losses(two)), torch.tensor(_losses(one)), rtol=1e-5, atol=1e-6
+        torch.tensor(logged_losses(two)), torch.tensor(logged_losses(one)), rtol=1e-5, atol=1e-6
     )
     from safetensors.torch import load_file
 
@@ -396,7 +319,7 @@ def test_two_processes_match_one(tmp_path, data_files):
 
 
 def test_bf16_autocast_logs_to_tensorboard_and_plots(tmp_path, data_files):
-    cfg = _cfg(
+    cfg = train_config(
         tmp_path,
         data_files["grouped"],
         "qrpo",
@@ -431,64 +354,3 @@ def test_bf16_autocast_logs_to_tensorboard_and_plots(tmp_path, data_files):
     assert (run_dir / "training_curves.png").stat().st_size > 10_000
     saved = (run_dir / "config.yaml").read_text()
     assert "mixed_precision: bf16" in saved
-
-
-def test_kto_reference_point_uses_mismatched_pairs(tmp_path, data_files):
-    from train.data import mismatched
-
-    cfg = _cfg(tmp_path, data_files["grouped"], "kto")
-    examples, _ = load_examples(cfg)
-    shifted = mismatched(examples[:3])
-    for i, ex in enumerate(shifted):
-        (s,) = ex.sequences
-        own, nxt = examples[i].sequences[0], examples[(i + 1) % 3].sequences[0]
-        assert s.input_ids[: s.prompt_len] == own.input_ids[: own.prompt_len]
-        assert s.input_ids[s.prompt_len :] == nxt.input_ids[nxt.prompt_len :]
-    cfg = _cfg(tmp_path, data_files["grouped"], "kto", "run.max_steps=2", "ref.source=model")
-    train(cfg)
-    records = [
-        json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
-    ]
-    assert all(r["kto/kl"] >= 0 for r in records)
-
-
-@pytest.mark.parametrize(
-    "transform", ["log", "normal_icdf", "scaled_normal_icdf", "square", "sqrt"]
-)
-def test_qrpo_transforms_train(tmp_path, data_files, transform):
-    cfg = _cfg(
-        tmp_path,
-        data_files["grouped"],
-        "qrpo",
-        "run.max_steps=2",
-        "loss.beta=0.3",
-        f"loss.transform={transform}",
-        "loss.estimator=midrank",
-        "loss.length_normalized=true",
-        "loss.max_beta=0.5",
-    )
-    train(cfg)
-    records = [
-        json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
-    ]
-    assert all(r["loss"] == r["loss"] and r["qrpo/beta"] <= 0.5 for r in records)
-
-
-def test_qrpo_partition_override_reaches_the_loss(tmp_path, data_files):
-    """loss.partition=finite_k from the command line: every row of the grouped data is one of
-    its prompt's 4 reference completions, left out of its own set (K = 3), so the logged
-    beta*log Z is beta * log(1/4 sum_j exp(j/3/beta)); empirical trains too."""
-    beta = 0.3
-    want = beta * math.log(sum(math.exp(j / 3 / beta) for j in range(4)) / 4)
-    for partition in ("finite_k", "empirical"):
-        run_dir = tmp_path / partition
-        cfg = _cfg(
-            run_dir, data_files["grouped"], "qrpo", "run.max_steps=1", f"loss.beta={beta}",
-            f"loss.partition={partition}",
-        )  # fmt: skip
-        train(cfg)
-        lines = (Path(cfg.run.run_dir) / "metrics.jsonl").read_text().splitlines()
-        record = json.loads(lines[0])
-        assert record["loss"] == record["loss"]
-        if partition == "finite_k":
-            assert record["qrpo/beta_logz"] == pytest.approx(want, rel=1e-6)

@@ -1,6 +1,6 @@
-"""Loss functions, one module per algorithm.
+"""Loss functions, one module per algorithm, each registering its `Algorithm` spec (spec.py).
 
-Contract shared by every loss (STYLE.md point 7):
+Contract shared by every loss formula (the `*_loss` functions):
 - inputs are per-sequence log-probs summed over completion tokens (prompt masked), computed
   elsewhere, plus rewards/labels/lengths; hyper-parameters are keyword-only floats;
 - the output is `(loss, metrics)`: `loss` is the per-example loss [B], computed in float32
@@ -10,41 +10,52 @@ Contract shared by every loss (STYLE.md point 7):
   reference log-probs, rewards and reference statistics are treated as constants;
 - the trainer reduces: `loss.mean()` for every loss except SFT, which it reduces as
   `loss.sum() / num_tokens.sum()` (token-mean NLL; see `sft_loss`).
+
+The trainer calls every algorithm the same way, `spec.loss(LossInputs, cfg.loss)`; each module's
+spec adapts that call to its formula's arguments. Every module of this package is imported here,
+so a new loss is one new file in this folder that ends with `register_algorithm(Algorithm(...))`.
 """
 
-from collections.abc import Callable
+import importlib
+import pkgutil
 
 from train.losses.common import zscore
 from train.losses.dpo import dpo_loss
 from train.losses.dro import dro_loss
 from train.losses.kto import kto_loss
-from train.losses.qrpo import qrpo_loss
+from train.losses.qrpo import qrpo_trainer_loss
 from train.losses.rebel import rebel_loss
 from train.losses.rpo_partition import rpo_partition_loss, rpo_partition_values
 from train.losses.sft import sft_loss
 from train.losses.simpo import simpo_loss
+from train.losses.spec import (
+    Algorithm,
+    LossInputs,
+    algorithm_names,
+    get_algorithm,
+    register_algorithm,
+    unregister_algorithm,
+)
 
-LOSSES: dict[str, Callable[..., tuple]] = {
-    "sft": sft_loss,
-    "qrpo": qrpo_loss,
-    "dpo": dpo_loss,
-    "simpo": simpo_loss,
-    "rebel": rebel_loss,
-    "kto": kto_loss,
-    "dro": dro_loss,
-    "rpo_partition": rpo_partition_loss,
-}
+# The modules not named above: losses added as files of this folder.
+for _module in sorted(m.name for m in pkgutil.iter_modules(__path__)):
+    importlib.import_module(f"{__name__}.{_module}")
 
 __all__ = [
-    "LOSSES",
+    "Algorithm",
+    "LossInputs",
+    "algorithm_names",
     "dpo_loss",
     "dro_loss",
+    "get_algorithm",
     "kto_loss",
-    "qrpo_loss",
+    "qrpo_trainer_loss",
     "rebel_loss",
+    "register_algorithm",
     "rpo_partition_loss",
     "rpo_partition_values",
     "sft_loss",
     "simpo_loss",
+    "unregister_algorithm",
     "zscore",
 ]

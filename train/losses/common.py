@@ -29,3 +29,11 @@ def zscore(rewards: Tensor) -> Tensor:
     r = as_float(rewards.detach())
     std = r.std(correction=0).clamp(min=torch.finfo(r.dtype).eps)
     return (r - r.mean()) / std
+
+
+def zscore_rewards(sequences: list, cfg=None) -> None:
+    """Replace every training sequence's reward by its z-score over the whole training set (DRO
+    and reward partitioning standardise rewards once, before training). A spec's `prepare`."""
+    standard = zscore(torch.tensor([s.reward for s in sequences], dtype=torch.float64)).tolist()
+    for s, r in zip(sequences, standard):
+        s.reward = r

@@ -4,6 +4,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from train.losses.common import as_float
+from train.losses.spec import Algorithm, LossInputs, chosen_and_rejected, register_algorithm
 
 
 def dpo_loss(
@@ -48,3 +49,11 @@ def dpo_loss(
         "logps/rejected": pr.detach(),
     }
     return loss, metrics
+
+
+def _dpo(x: LossInputs, cfg) -> tuple[Tensor, dict[str, Tensor]]:
+    lp, ref = x.logps, x.ref_logps
+    return dpo_loss(lp[0::2], lp[1::2], ref[0::2], ref[1::2], beta=cfg.beta)
+
+
+register_algorithm(Algorithm("dpo", _dpo, pairs=True, build=chosen_and_rejected, fused_head=True))

@@ -3,7 +3,8 @@ arXiv 2405.19107), the DRO-V variant."""
 
 from torch import Tensor
 
-from train.losses.common import as_float
+from train.losses.common import as_float, zscore_rewards
+from train.losses.spec import Algorithm, LossInputs, register_algorithm
 
 
 def dro_loss(
@@ -58,3 +59,18 @@ def dro_loss(
         "logps/ref": ref,
     }
     return loss, metrics
+
+
+def _dro(x: LossInputs, cfg) -> tuple[Tensor, dict[str, Tensor]]:
+    return dro_loss(x.logps, x.ref_logps, x.batch.rewards, x.values, tau=cfg.tau)
+
+
+register_algorithm(
+    Algorithm(
+        "dro",
+        _dro,
+        needs_rewards=True,
+        prepare=zscore_rewards,
+        learned_values=True,
+    )
+)

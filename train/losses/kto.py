@@ -4,6 +4,7 @@ import torch
 from torch import Tensor
 
 from train.losses.common import as_float
+from train.losses.spec import Algorithm, LossInputs, register_algorithm
 
 
 def kto_loss(
@@ -79,3 +80,33 @@ def kto_loss(
         "logps/ref": ref,
     }
     return loss, metrics
+
+
+def _kto(x: LossInputs, cfg) -> tuple[Tensor, dict[str, Tensor]]:
+    kl_logps, kl_ref_logps = x.kl_logps if x.kl_logps is not None else (None, None)
+    return kto_loss(
+        x.logps,
+        x.ref_logps,
+        x.batch.desirable,
+        beta=cfg.beta,
+        kl_logps=kl_logps,
+        kl_ref_logps=kl_ref_logps,
+        desirable_weight=cfg.kto_desirable_weight,
+        undesirable_weight=cfg.kto_undesirable_weight,
+    )
+
+
+def labelled_completions(row: dict, seq, cfg) -> list[list]:
+    """Every completion is an example, desirable when it is the row's chosen one (pair rows) or
+    when its reward is at least loss.kto_threshold (grouped rows)."""
+    examples = []
+    for j, c in enumerate(row["completions"]):
+        if row["chosen"] >= 0:
+            good = j == row["chosen"]
+        else:
+            good = c["reward"] is not None and c["reward"] >= cfg.kto_threshold
+        examples.append([seq(c, desirable=good)])
+    return examples
+
+
+register_algorithm(Algorithm("kto", _kto, build=labelled_completions, mismatched_kl=True))

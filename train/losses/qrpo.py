@@ -1,7 +1,8 @@
 """QRPO: Quantile Reward Policy Optimization (Matrenok, Moalla, Gulcehre 2025, arXiv 2507.08068).
 
-A thin wrapper over the fused `kernels.qrpo_loss`: it picks the per-sample beta, keeps the
-reference side constant and renames the kernel's statistics into logged metrics.
+`qrpo_trainer_loss` is the trainer's face of the public kernel `kernels.qrpo_loss`: it picks the
+per-sample beta, keeps the reference side constant and renames the kernel's statistics into logged
+metrics.
 """
 
 from collections.abc import Mapping
@@ -10,6 +11,7 @@ import torch
 from torch import Tensor
 
 from train.losses.common import as_float, token_counts
+from train.losses.spec import Algorithm, LossInputs, register_algorithm
 
 # Metric name -> the names the kernel's stats may use for it (attributes or mapping keys).
 _STATS = {
@@ -22,7 +24,7 @@ _STATS = {
 }
 
 
-def qrpo_loss(
+def qrpo_trainer_loss(
     logps: Tensor,
     ref_logps: Tensor,
     rewards: Tensor,
@@ -124,3 +126,56 @@ def _stat(stats: object, names: tuple[str, ...]) -> Tensor:
         if value is not None:
             return value
     raise KeyError(f"kernels.qrpo_loss returned no statistic named any of {names}")
+
+
+def _qrpo(x: LossInputs, cfg) -> tuple[Tensor, dict[str, Tensor]]:
+    b = x.batch
+    return qrpo_trainer_loss(
+        x.logps,
+        x.ref_logps,
+        b.rewards,
+        b.ref_rewards,
+        beta=cfg.beta,
+        num_tokens=b.num_tokens,
+        length_normalized=cfg.length_normalized,
+        max_beta=cfg.max_beta,
+        transform=cfg.transform,
+        ref_mask=b.ref_mask,
+        sigma=b.sigma if cfg.transform == "scaled_normal_icdf" else None,
+        estimator=cfg.estimator,
+        exclude_index=b.ref_index,
+        loss_type=cfg.loss_type,
+        generator=x.generator,
+        backend=cfg.kernel_backend,
+        partition=cfg.partition,
+    )
+
+
+def min_reference_rewards(cfg) -> int:
+    """A quantile needs one reference reward; the normal-quantile transforms' sigma needs three."""
+    return 3 if cfg.transform in ("normal_icdf", "scaled_normal_icdf") else 1
+
+
+def reference_sigmas(sequences: list, cfg) -> None:
+    """scaled_normal_icdf: sigma = the prompt's reference-reward std (ddof 1) / its mean over the
+    train set."""
+    if cfg.transform != "scaled_normal_icdf":
+        return
+    stds = [torch.tensor(s.ref_rewards, dtype=torch.float64).std().item() for s in sequences]
+    mean = sum(stds) / len(stds)
+    for s, std in zip(sequences, stds):
+        # A prompt whose reference rewards all tie gets f(q) ~ 0: a target of "stay at the
+        # reference". The floor keeps sigma inside the kernel's domain (sigma > 0).
+        s.sigma = max(std / mean, 1e-6) if mean > 0 else 1.0
+
+
+register_algorithm(
+    Algorithm(
+        "qrpo",
+        _qrpo,
+        needs_rewards=True,
+        prepare=reference_sigmas,
+        min_ref_rewards=min_reference_rewards,
+        fused_head=True,
+    )
+)

@@ -3,6 +3,7 @@
 from torch import Tensor
 
 from train.losses.common import as_float
+from train.losses.spec import Algorithm, LossInputs, chosen_and_rejected, register_algorithm
 
 
 def rebel_loss(
@@ -54,3 +55,20 @@ def rebel_loss(
         "logps/rejected": pr.detach(),
     }
     return loss, metrics
+
+
+def _rebel(x: LossInputs, cfg) -> tuple[Tensor, dict[str, Tensor]]:
+    lp, ref, r = x.logps, x.ref_logps, x.batch.rewards
+    return rebel_loss(lp[0::2], lp[1::2], ref[0::2], ref[1::2], r[0::2], r[1::2], beta=cfg.beta)
+
+
+register_algorithm(
+    Algorithm(
+        "rebel",
+        _rebel,
+        pairs=True,
+        needs_rewards=True,
+        build=chosen_and_rejected,
+        fused_head=True,
+    )
+)

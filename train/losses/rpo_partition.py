@@ -9,7 +9,8 @@ import math
 import torch
 from torch import Tensor
 
-from train.losses.common import as_float, token_counts
+from train.losses.common import as_float, token_counts, zscore_rewards
+from train.losses.spec import Algorithm, LossInputs, register_algorithm
 
 
 def rpo_partition_values(
@@ -94,3 +95,31 @@ def rpo_partition_loss(
         "logps/ref": ref,
     }
     return loss, metrics
+
+
+def _rpo_partition(x: LossInputs, cfg) -> tuple[Tensor, dict[str, Tensor]]:
+    b = x.batch
+    return rpo_partition_loss(x.logps, x.ref_logps, b.rewards, b.num_tokens, x.values, tau=cfg.tau)
+
+
+def _partition_values(ref_logps: Tensor, sequences: list, num_prompts: int, cfg) -> Tensor:
+    """V_hat(x) of every prompt, from the reference log-probs of all training sequences."""
+    lengths = torch.tensor([max(s.num_completion_tokens, 1) for s in sequences])
+    return rpo_partition_values(
+        (ref_logps.cpu() / lengths).double(),
+        torch.tensor([s.reward for s in sequences], dtype=torch.float64),
+        torch.tensor([s.prompt_index for s in sequences]),
+        num_prompts,
+        tau=cfg.tau,
+    ).float()
+
+
+register_algorithm(
+    Algorithm(
+        "rpo_partition",
+        _rpo_partition,
+        needs_rewards=True,
+        prepare=zscore_rewards,
+        prompt_values=_partition_values,
+    )
+)

@@ -3,6 +3,7 @@
 from torch import Tensor
 
 from train.losses.common import as_float
+from train.losses.spec import Algorithm, LossInputs, register_algorithm
 
 
 def sft_loss(logps: Tensor, num_tokens: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
@@ -29,3 +30,26 @@ def sft_loss(logps: Tensor, num_tokens: Tensor) -> tuple[Tensor, dict[str, Tenso
         "sft/num_tokens": n.sum(),
     }
     return loss, metrics
+
+
+def _sft(x: LossInputs, cfg) -> tuple[Tensor, dict[str, Tensor]]:
+    return sft_loss(x.logps, x.batch.num_tokens)
+
+
+def chosen_or_every_completion(row: dict, seq, cfg) -> list[list]:
+    """SFT imitates the chosen completion of a pair row, and every completion of a grouped row."""
+    comps = row["completions"]
+    use = [comps[row["chosen"]]] if row["chosen"] >= 0 else comps
+    return [[seq(c)] for c in use]
+
+
+register_algorithm(
+    Algorithm(
+        "sft",
+        _sft,
+        needs_reference=False,
+        build=chosen_or_every_completion,
+        token_mean=True,
+        fused_head=True,
+    )
+)

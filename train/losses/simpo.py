@@ -5,6 +5,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from train.losses.common import as_float, token_counts
+from train.losses.spec import Algorithm, LossInputs, chosen_and_rejected, register_algorithm
 
 
 def simpo_loss(
@@ -49,3 +50,20 @@ def simpo_loss(
         "logps/rejected": pr.detach(),
     }
     return loss, metrics
+
+
+def _simpo(x: LossInputs, cfg) -> tuple[Tensor, dict[str, Tensor]]:
+    lp, n = x.logps, x.batch.num_tokens
+    return simpo_loss(lp[0::2], lp[1::2], n[0::2], n[1::2], beta=cfg.beta, gamma=cfg.gamma)
+
+
+register_algorithm(
+    Algorithm(
+        "simpo",
+        _simpo,
+        pairs=True,
+        needs_reference=False,
+        build=chosen_and_rejected,
+        fused_head=True,
+    )
+)
