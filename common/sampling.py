@@ -13,11 +13,44 @@ transformers backend's but are reproducible in the same way.
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 
 import torch
 
+from common.config import ConfigError, doc
 from common.data import content_hash
 from common.tokenize import encode_prompt
+
+
+@dataclass
+class SamplingConfig:
+    """How completions are drawn: generate's `sample` section and evaluate's top level extend it
+    (evaluate with its own defaults for n, max_new_tokens and seed)."""
+
+    n: int = doc(8, "completions per prompt: the K reference samples (paper: 50)")
+    temperature: float = doc(1.0, "sampling temperature (0: greedy)")
+    top_p: float = doc(1.0, "nucleus sampling: keep the most likely tokens up to this mass")
+    max_new_tokens: int = doc(256, "longest completion, in tokens")
+    seed: int = doc(0, "base seed; each (prompt id, sample index) draws from its own stream")
+    batch_size: int = doc(64, "sequences per generate() call (transformers backend)")
+
+    def draw_options(self) -> dict:
+        """These fields as keywords of `generate_samples` and `sample_completions`."""
+        return dict(
+            n=self.n,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            max_new_tokens=self.max_new_tokens,
+            seed=self.seed,
+            batch_size=self.batch_size,
+        )
+
+    def check_sampling(self, prefix: str = "") -> None:
+        """The checks every user of these fields needs; `prefix` is the keys' dotted path."""
+        if self.temperature < 0 or not 0 < self.top_p <= 1:
+            raise ConfigError(f"{prefix}temperature must be >= 0 and {prefix}top_p in (0, 1]")
+        if self.max_new_tokens < 1 or self.batch_size < 1:
+            raise ConfigError(f"{prefix}max_new_tokens and {prefix}batch_size must be >= 1")
 
 
 def sample_seed(seed: int, key: str, k: int) -> int:

@@ -39,6 +39,7 @@ import torch
 from common.config import ConfigError, choice, doc, sub
 from common.model import DTYPES, ModelConfig, load_model, load_tokenizer
 from common.rewards import RewardConfig, compute_rewards, load_reward
+from common.sampling import SamplingConfig, sample_completions
 from common.tiny import TINY_NAME
 from common.tokenize import encode_completion, encode_prompt
 from evaluate import metrics, plots
@@ -48,17 +49,15 @@ LENGTH_UNITS = ("tokens", "words", "chars")
 
 
 @dataclass
-class EvalConfig:
+class EvalConfig(SamplingConfig):
+    # Evaluate's own defaults for three of the sampling fields (the others are SamplingConfig's).
+    n: int = doc(4, "samples per prompt and model")
+    max_new_tokens: int = doc(24, "longest completion, in tokens")
+    seed: int = doc(1234, "base sampling seed, shared by all models")
     models: list = doc([], "model or run folders (RUN_DIR means RUN_DIR/final); first = reference")
     names: list = doc([], "display names, one per model (default: from the paths)")
     prompts: str = doc("", "JSONL of held-out rows {'prompt': ...}; empty: the embedded task's")
     n_prompts: int = doc(0, "use the first N prompts only (0: all; the embedded task: 32)")
-    n: int = doc(4, "samples per prompt and model")
-    temperature: float = doc(1.0, "sampling temperature (0: greedy)")
-    top_p: float = doc(1.0, "nucleus sampling")
-    max_new_tokens: int = doc(24, "longest completion")
-    seed: int = doc(1234, "base sampling seed, shared by all models")
-    batch_size: int = doc(64, "samples generated at once")
     reward: RewardConfig = sub(RewardConfig, "how completions are scored")
     kl: bool = doc(True, "log-probs under each model and the reference: KL and length bias")
     length_unit: str = choice("tokens", LENGTH_UNITS, "length for the LC reward and the bias")
@@ -77,6 +76,7 @@ class EvalConfig:
             raise ConfigError(f"names has {len(self.names)} entries for {len(self.models)} models")
         if self.n < 1:
             raise ConfigError("n must be at least 1")
+        self.check_sampling()
         if any(not 1 <= int(k) <= self.n for k in self.pass_k):
             raise ConfigError(f"pass_k={list(self.pass_k)}: each k must be in [1, n={self.n}]")
 
@@ -287,8 +287,6 @@ def write_samples(path: Path, rows: list[dict], runs: list[ModelSamples]) -> Pat
 
 
 def evaluate(cfg: EvalConfig) -> dict:
-    from common.sampling import sample_completions
-
     t0 = time.perf_counter()
     device = _device(cfg.device)
     rows = load_rows(cfg)
@@ -319,17 +317,7 @@ def evaluate(cfg: EvalConfig) -> dict:
         if len(tok) != len(ref_tok) or tok.eos_token_id != ref_tok.eos_token_id:
             raise ConfigError(f"{path}: its tokenizer differs from the reference's ({paths[0]})")
         print(f"evaluate: {name} ({path}): sampling {cfg.n} x {len(prompts)} prompts", flush=True)
-        texts = sample_completions(
-            model,
-            tok,
-            prompts,
-            n=cfg.n,
-            temperature=cfg.temperature,
-            top_p=cfg.top_p,
-            max_new_tokens=cfg.max_new_tokens,
-            seed=cfg.seed,
-            batch_size=cfg.batch_size,
-        )
+        texts = sample_completions(model, tok, prompts, **cfg.draw_options())
         s = ModelSamples(name, path, texts)
         scores = compute_rewards(reward_cfg, rows, texts)
         s.rewards, s.details = scores.rewards, scores.details

@@ -21,6 +21,7 @@ from common.config import ConfigError, choice, doc, sub
 from common.data import DataConfig
 from common.model import MIXED_PRECISIONS, ModelConfig
 from common.rewards import RewardConfig
+from common.sampling import SamplingConfig
 from kernels.logprobs_api import LOGPROB_BACKENDS
 
 STEPS = ("sample", "reward", "build", "ref_logps", "merge")
@@ -29,13 +30,7 @@ SAMPLE_BACKENDS = ("auto", "transformers", "vllm")
 
 
 @dataclass
-class SampleConfig:
-    n: int = doc(8, "completions per prompt: the K reference samples (paper: 50)")
-    temperature: float = doc(1.0, "sampling temperature (0: greedy)")
-    top_p: float = doc(1.0, "nucleus sampling: keep the most likely tokens up to this mass")
-    max_new_tokens: int = doc(256, "longest completion, in tokens")
-    seed: int = doc(0, "base seed; each (prompt id, sample index) draws from its own stream")
-    batch_size: int = doc(64, "sequences per generate() call (transformers backend)")
+class SampleConfig(SamplingConfig):
     backend: str = choice(
         "auto", SAMPLE_BACKENDS, "sampling engine (auto: vllm when installed and on CUDA)"
     )
@@ -44,10 +39,7 @@ class SampleConfig:
     def __post_init__(self):
         if self.n < 0:
             raise ConfigError("sample.n must be >= 0 (0 keeps only the data's own completions)")
-        if self.temperature < 0 or not 0 < self.top_p <= 1:
-            raise ConfigError("sample.temperature must be >= 0 and sample.top_p in (0, 1]")
-        if self.max_new_tokens < 1 or self.batch_size < 1:
-            raise ConfigError("sample.max_new_tokens and sample.batch_size must be >= 1")
+        self.check_sampling("sample.")
 
 
 @dataclass

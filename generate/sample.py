@@ -96,18 +96,7 @@ def make_worker(cfg, source: str):
         model = load_model(cfg.model, device)
 
         def run(prompt_ids, keys):
-            return generate_samples(
-                model,
-                tokenizer,
-                prompt_ids,
-                keys,
-                n=sc.n,
-                temperature=sc.temperature,
-                top_p=sc.top_p,
-                max_new_tokens=sc.max_new_tokens,
-                seed=sc.seed,
-                batch_size=sc.batch_size,
-            )
+            return generate_samples(model, tokenizer, prompt_ids, keys, **sc.draw_options())
 
     def work(rows: list[dict]) -> tuple[list[dict], int]:
         if not rows or sc.n == 0:

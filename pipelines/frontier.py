@@ -47,6 +47,7 @@ from pathlib import Path
 
 from common.config import ConfigError, build_config, doc, parse_config
 from evaluate.frontier_report import reference_samples_hash, write_report
+from kernels.partition import PARTITIONS
 
 QRPO_TINY = "configs/train/qrpo_tiny.yaml"
 PAIRS_TINY = "configs/train/dpo_tiny.yaml"
@@ -101,7 +102,6 @@ DEFAULT_CURVES = [
 ]
 
 # QRPO with each partition form (loss.partition) at K = 4 and 16 reference samples per prompt.
-PARTITION_FORMS = ("closed_form", "finite_k", "empirical")
 PARTITION_CURVES = [
     _curve(
         f"qrpo_{form}_k{k}",
@@ -112,7 +112,7 @@ PARTITION_CURVES = [
         k=k,
     )
     for k in (4, 16)
-    for form in PARTITION_FORMS
+    for form in PARTITIONS
 ]
 
 

@@ -34,7 +34,7 @@ from typing import Any
 from common.config import ConfigError, load_saved_config, save_config
 from train.checkpoint import latest_checkpoint
 from train.config import TrainConfig
-from train.data import steps_per_epoch
+from train.examples import steps_per_epoch
 
 KEEPS_TRAJECTORY = (
     "run.run_dir",

@@ -31,7 +31,7 @@ from kernels.sequence_model import SequenceLogprobModel, compute_dtype, sequence
 from train.accelerator import freeze_reference, make_accelerator, make_optimizer
 from train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from train.config import TrainConfig
-from train.data import build_examples, global_batch_indices, mismatched
+from train.examples import build_examples, global_batch_indices, mismatched
 from train.fused import fused_head_applies, fused_micro_batch_loss
 from train.losses import Algorithm, LossInputs, get_algorithm
 from train.metrics import flat_config, plot_curves, truncate_log

@@ -14,7 +14,7 @@ from common.model import load_model
 from kernels.sequence_model import SequenceLogprobModel, sequence_logps
 from tests.train.tiny_runs import train_config
 from train.config import TrainConfig
-from train.data import global_batch_indices
+from train.examples import global_batch_indices
 from train.losses import (
     Algorithm,
     LossInputs,
@@ -108,7 +108,7 @@ def test_a_registered_loss_trains_and_logs_its_formula(tmp_path, data_files, toy
 
 
 def test_kto_reference_point_uses_mismatched_pairs(tmp_path, data_files):
-    from train.data import mismatched
+    from train.examples import mismatched
 
     cfg = train_config(tmp_path, data_files["grouped"], "kto")
     examples, _ = load_examples(cfg)

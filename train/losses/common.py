@@ -22,7 +22,7 @@ def zscore(rewards: Tensor) -> Tensor:
     """Standardise rewards: (r - mean(r)) / std(r), over all elements of `rewards`.
 
     Uses the population std (ddof 0), so the result has mean 0 and population variance 1; the
-    trainer applies it once over the whole training set (REFERENCE.md section 3, DRO and
+    trainer applies it once over the whole training set (docs/methods.md section 3, DRO and
     reward-partition), where ddof 0 and ddof 1 agree to O(1/N). The std is floored at the
     dtype's machine epsilon, so constant rewards map to zeros instead of NaN.
     """

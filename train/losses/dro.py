@@ -15,7 +15,7 @@ def dro_loss(
     *,
     tau: float,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """DRO loss: the single-trajectory regression (REFERENCE.md section 3)
+    """DRO loss: the single-trajectory regression (docs/methods.md section 3)
 
         L(pi, V) = 0.5 * (r - V(x) - tau * ratio)**2,   ratio = log pi(y|x) - log pi_ref(y|x)
 

@@ -18,7 +18,7 @@ def kto_loss(
     desirable_weight: float = 1.0,
     undesirable_weight: float = 1.0,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """KTO loss, the paper's L_KTO = E[lambda_y - v(x, y)] (REFERENCE.md section 3):
+    """KTO loss, the paper's L_KTO = E[lambda_y - v(x, y)] (docs/methods.md section 3):
 
         ratio = log pi(y|x) - log pi_ref(y|x)
         z0    = max(0, mean_j (log pi(y_j|x_i) - log pi_ref(y_j|x_i)))      (detached)

@@ -44,7 +44,7 @@ def qrpo_trainer_loss(
     backend: str = "auto",
     partition: str = "closed_form",
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """QRPO loss per completion (REFERENCE.md section 1):
+    """QRPO loss per completion (docs/methods.md section 1):
 
         q        = (1/K) * #{k : ref_reward_k <= reward}           (quantile reward, inclusive)
         residual = f(q) - beta * log Z_f(beta) - beta * (log pi(y|x) - log pi_ref(y|x))

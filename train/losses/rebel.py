@@ -16,7 +16,7 @@ def rebel_loss(
     *,
     beta: float,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """REBEL loss, paper eq. 1 (REFERENCE.md section 3), with pi_t = pi_ref and eta = 1/beta:
+    """REBEL loss, paper eq. 1 (docs/methods.md section 3), with pi_t = pi_ref and eta = 1/beta:
 
         h    = (log pi(y_w|x) - log pi_ref(y_w|x)) - (log pi(y_l|x) - log pi_ref(y_l|x))
         loss = ((r_w - r_l) / beta - h)**2

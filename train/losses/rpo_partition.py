@@ -21,7 +21,7 @@ def rpo_partition_values(
     *,
     tau: float,
 ) -> Tensor:
-    """Per-prompt partition value, computed once before training (REFERENCE.md section 3):
+    """Per-prompt partition value, computed once before training (docs/methods.md section 3):
 
         V_hat(x) = tau * log sum_i pbar_ref(y_i|x) * exp(r_i / tau),
         pbar_ref(y|x) = exp(mean per-token log pi_ref(y|x))
@@ -57,7 +57,7 @@ def rpo_partition_loss(
     *,
     tau: float,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """Reward-partition loss (REFERENCE.md section 3):
+    """Reward-partition loss (docs/methods.md section 3):
 
         mean_token_ratio = (log pi(y|x) - log pi_ref(y|x)) / |y|
         loss = 0.5 * (mean_token_ratio - (r - V_hat(x)) / tau)**2

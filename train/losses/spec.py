@@ -1,6 +1,6 @@
 """What a training algorithm is, in one place: the `Algorithm` spec and the registry.
 
-Config validation (train/config.py), example building (train/data.py), the loop (train/train.py,
+Config validation (train/config.py), example building (train/examples.py), the loop (train/train.py,
 train/fused.py) and the SLURM launcher (slurm/train.py) read an algorithm's spec instead of
 comparing its name. Each loss module of this package ends with `register_algorithm(Algorithm(...))`;
 train/losses/__init__.py imports every module of the package, so a new loss is one new file here
