@@ -251,6 +251,18 @@ def parse_config(
         parser.exit(2, f"{prog}: error: {err}\n")
 
 
+def exit_on_error(
+    main: Callable[[list[str]], object], argv: list[str], errors: tuple = (ValueError,)
+) -> None:
+    """Run a command's main; an expected failure (`errors`: ConfigError is a ValueError) ends
+    with its one-line message and exit code 2, without a traceback."""
+    try:
+        main(argv)
+    except errors as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
 def to_yaml(cfg: Any) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import sys
 
-from common.config import ConfigError, parse_config
+from common.config import exit_on_error, parse_config
 from evaluate.evaluate import EvalConfig, evaluate
 
 __all__ = ["EvalConfig", "evaluate", "main"]
@@ -24,8 +24,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ConfigError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    exit_on_error(main, sys.argv[1:])

@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from common.config import ConfigError, doc, parse_config
+from common.config import ConfigError, doc, exit_on_error, parse_config
 from kernels.partition import log_partition_empirical, log_partition_finite_k
 from kernels.qrpo import apply_transform, log_partition
 
@@ -304,8 +304,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ConfigError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    exit_on_error(main, sys.argv[1:])

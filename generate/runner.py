@@ -8,10 +8,10 @@ this runner and the pipeline imports the steps, never the other way round.
 from __future__ import annotations
 
 import dataclasses
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from common import config
 from common.config import ConfigError, parse_config, to_yaml
 from common.data import DataError
 from generate.config import PipelineConfig, fingerprint, step_input
@@ -93,9 +93,5 @@ def cli(
 
 
 def exit_on_error(main: Callable[[list[str]], object], argv: list[str]) -> None:
-    """Run a step's main; a known failure ends with its message and exit code 2, no traceback."""
-    try:
-        main(argv)
-    except (ConfigError, DataError, ShardError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    """Run a step's main; a config, data or shard failure ends with its message, exit code 2."""
+    config.exit_on_error(main, argv, (ConfigError, DataError, ShardError, ValueError))
