@@ -240,7 +240,7 @@ def prepare(cfg: BenchConfig) -> dict:
     from common.flops import measure_peak_tflops, train_flops_per_token
     from common.model import load_model
     from common.tiny import model_config
-    from kernels.sequence_model import SequenceLogprobModel, sequence_logps
+    from kernels.sequence_model import SequenceLogprobModel, autocast, sequence_logps
     from train.train import load_examples
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -290,7 +290,7 @@ def prepare(cfg: BenchConfig) -> dict:
             ref = SequenceLogprobModel(load_model(tcfg.model, device), tcfg.loss.kernel_backend)
             ref.to(device).eval().requires_grad_(False)
         n, budget = tcfg.ref.check_rows, tcfg.run.micro_batch_tokens
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16"):
+        with autocast(device, tcfg.run.mixed_precision):  # the loop's own precision policy
             logps = [
                 *sequence_logps(ref, examples[:n], budget, device).cpu().tolist(),
                 *sequence_logps(ref, examples[n:], budget, device).cpu().tolist(),
