@@ -1,4 +1,4 @@
-"""Packed attention paths (common/attention.py): every path gives each sequence of a packed row
+"""Packed attention paths (qrpo/common/attention.py): every path gives each sequence of a packed row
 the log-prob it has alone, on the tiny grouped-query model (4 heads, 2 key/value heads), with
 many short sequences, one long one and a one-token completion."""
 
@@ -8,12 +8,12 @@ import random
 import pytest
 import torch
 
-from common.attention import bucket_plan, choose_attention
-from common.config import ConfigError, build_config
-from common.model import ModelConfig, load_model
-from common.packing import Example, Sequence, collate
-from kernels.sequence_model import SequenceLogprobModel
-from train.config import TrainConfig
+from qrpo.common.attention import bucket_plan, choose_attention
+from qrpo.common.config import ConfigError, build_config
+from qrpo.common.model import ModelConfig, load_model
+from qrpo.common.packing import Example, Sequence, collate
+from qrpo.kernels.sequence_model import SequenceLogprobModel
+from qrpo.train.config import TrainConfig
 
 CUDA = torch.cuda.is_available()
 
@@ -89,7 +89,7 @@ def test_bucket_plan_gathers_each_sequence_and_scatters_back():
 
 def test_registered_paths_generate_like_sdpa_with_left_padding():
     """Without packing (generation, a padded batch) the two registered paths are sdpa."""
-    from common.model import load_tokenizer
+    from qrpo.common.model import load_tokenizer
 
     tok = load_tokenizer(ModelConfig())
     tok.padding_side = "left"
@@ -173,7 +173,7 @@ def _varlen_on_cpu(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_size
 def test_torch_varlen_plumbing_with_a_cpu_stand_in(monkeypatch):
     """The layout, GQA and causal keywords we hand to varlen_attn, checked on CPU with a
     stand-in of the same contract (the real kernel needs CUDA: gpu-marked tests)."""
-    import common.attention as attention
+    import qrpo.common.attention as attention
 
     monkeypatch.setattr(attention, "_varlen_kernel_usable", lambda q: True)
     monkeypatch.setattr(attention, "_varlen_attn", lambda: _varlen_on_cpu)
@@ -198,7 +198,7 @@ def _varlen_without_causality(q, k, v, cu_q, cu_k, max_q, max_k, **options):
 def test_varlen_probe_passes_the_contract_and_catches_a_non_causal_kernel(
     monkeypatch, kernel, failure
 ):
-    import common.attention as attention
+    import qrpo.common.attention as attention
 
     monkeypatch.setattr(attention, "_varlen_kernel_usable", lambda q: True)
     monkeypatch.setattr(attention, "_varlen_attn", lambda: kernel)
@@ -213,7 +213,7 @@ def test_varlen_probe_passes_the_contract_and_catches_a_non_causal_kernel(
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 def test_varlen_probe_passes_on_this_gpu_and_auto_picks_torch_varlen():
-    import common.attention as attention
+    import qrpo.common.attention as attention
 
     if importlib.util.find_spec("flash_attn") is not None or not attention.torch_varlen_available():
         pytest.skip("auto picks flash-attn, or this torch has no varlen_attn")

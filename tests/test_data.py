@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from common.data import DataConfig, DataError, load_canonical
-from common.model import ModelConfig, load_tokenizer
-from common.tokenize import shifted_targets, tokenize_rows
+from qrpo.common.data import DataConfig, DataError, load_canonical
+from qrpo.common.model import ModelConfig, load_tokenizer
+from qrpo.common.tokenize import shifted_targets, tokenize_rows
 
 MALFORMED = Path(__file__).parent / "assets" / "malformed"
 
@@ -268,7 +268,7 @@ STRICT_TEMPLATE = (  # as real templates do: raise on a role they do not know
 def test_message_roles_must_be_ones_the_chat_template_accepts(tmp_path, row, field):
     from transformers import AutoTokenizer
 
-    from common.model import resolve
+    from qrpo.common.model import resolve
 
     tokenizer = AutoTokenizer.from_pretrained(resolve("tiny"))
     tokenizer.chat_template = STRICT_TEMPLATE
@@ -301,8 +301,8 @@ SYSTEM_FIRST_TEMPLATE = (  # as Llama-2's: system only first, then user/assistan
 def test_a_conversation_the_template_refuses_is_named(tmp_path):
     from transformers import AutoTokenizer
 
-    from common.model import resolve
-    from common.tokenize import TemplateRoles
+    from qrpo.common.model import resolve
+    from qrpo.common.tokenize import TemplateRoles
 
     tokenizer = AutoTokenizer.from_pretrained(resolve("tiny"))
     tokenizer.chat_template = SYSTEM_FIRST_TEMPLATE

@@ -1,9 +1,9 @@
 """The import structure, read from the source with `ast` (nothing is imported).
 
-Packages import downwards only: common <- kernels <- {train, generate, evaluate} <- slurm <-
-pipelines. train, generate and evaluate share what they all need through common/ and kernels/
-and never import each other; slurm imports what it launches; pipelines/ (the demo, frontiers)
-may import everything. No module imports itself back through others. Imports under
+`qrpo` is the one import root. Its parts import downwards only: common <- kernels <- {train,
+generate, evaluate} <- slurm <- pipelines. train, generate and evaluate share what they all need
+through qrpo.common and qrpo.kernels and never import each other; slurm imports what it launches;
+qrpo.pipelines (the demo, frontiers) may import everything. No module imports itself back through others. Imports under
 `if __name__ == "__main__":` are left out: they run only when that module is the program.
 """
 
@@ -24,10 +24,15 @@ ALLOWED = {
 }
 
 
+def _part(module: str) -> str:
+    """'qrpo.train.losses.dpo' -> 'train'."""
+    return module.split(".")[1]
+
+
 def _modules() -> dict[str, Path]:
     out = {}
     for package in ALLOWED:
-        for path in sorted((ROOT / package).rglob("*.py")):
+        for path in sorted((ROOT / "qrpo" / package).rglob("*.py")):
             parts = path.relative_to(ROOT).with_suffix("").parts
             name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
             out[name] = path
@@ -78,7 +83,7 @@ def test_packages_import_only_downwards():
         f"{name} imports {target}"
         for name, targets in _graph().items()
         for target in sorted(targets)
-        if target.split(".")[0] not in ALLOWED[name.split(".")[0]]
+        if _part(target) not in ALLOWED[_part(name)]
     ]
     assert not wrong, "imports against the package order:\n" + "\n".join(wrong)
 
@@ -119,9 +124,34 @@ def test_the_checks_see_imports_inside_functions_and_relative_ones(tmp_path):
     """The reader itself: a lazy import inside a function counts, a main guard does not."""
     source = tmp_path / "mod.py"
     source.write_text(
-        "def f():\n    from train.train import train\n"
+        "def f():\n    from qrpo.train.train import train\n"
         "from . import data\n"
-        "if __name__ == '__main__':\n    import generate.pipeline\n"
+        "if __name__ == '__main__':\n    import qrpo.generate.pipeline\n"
     )
-    modules = {"train.train": source, "train.data": source, "generate.pipeline": source}
-    assert _imports(source, "train.mod", modules) == {"train.train", "train.data"}
+    modules = {
+        "qrpo.train.train": source,
+        "qrpo.train.data": source,
+        "qrpo.generate.pipeline": source,
+    }
+    assert _imports(source, "qrpo.train.mod", modules) == {"qrpo.train.train", "qrpo.train.data"}
+
+
+def test_every_module_belongs_to_a_part():
+    """A new first-level package under qrpo/ must be placed in the order above."""
+    parts = {p.name for p in (ROOT / "qrpo").iterdir() if (p / "__init__.py").exists()}
+    assert parts == set(ALLOWED)
+    loose = sorted(p.name for p in (ROOT / "qrpo").glob("*.py") if p.name != "__init__.py")
+    assert not loose, f"modules directly under qrpo/ belong in one of its parts: {loose}"
+
+
+def test_qrpo_is_the_only_top_level_package():
+    """Any other importable name at the repository root can shadow, or be shadowed by, an installed
+    distribution (our old top-level `kernels/` hid Hugging Face's `kernels`, which transformers
+    imports at model load)."""
+    importable = sorted(
+        p.name
+        for p in ROOT.iterdir()
+        if not p.name.startswith(".")
+        and ((p.is_dir() and (p / "__init__.py").exists()) or p.suffix == ".py")
+    )
+    assert importable == ["qrpo"]

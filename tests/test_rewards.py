@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from common.config import ConfigError, build_config
-from common.rewards import REWARDS, RewardConfig, register_reward
-from common.tiny import TASK
-from evaluate.evaluate import EvalConfig, evaluate
-from generate.config import PipelineConfig
-from generate.pipeline import run_step
-from generate.shards import read_rows_parquet
+from qrpo.common.config import ConfigError, build_config
+from qrpo.common.rewards import REWARDS, RewardConfig, register_reward
+from qrpo.common.tiny import TASK
+from qrpo.evaluate.evaluate import EvalConfig, evaluate
+from qrpo.generate.config import PipelineConfig
+from qrpo.generate.pipeline import run_step
+from qrpo.generate.shards import read_rows_parquet
 
 QUIET = lambda *_: None  # noqa: E731
 

@@ -2,7 +2,7 @@
 
 import random
 
-from common.tiny import TASK, ensure_tiny, write_task_data
+from qrpo.common.tiny import TASK, ensure_tiny, write_task_data
 
 
 def test_tiny_builds_once_and_loads_with_auto_classes(tmp_path):

@@ -26,8 +26,8 @@ import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from common.sandbox import Sandbox
-from common.sandbox_result import RunResult
+from qrpo.common.sandbox import Sandbox
+from qrpo.common.sandbox_result import RunResult
 
 STOP_SEQUENCES = ("\nclass ", "\ndef ", "\n#", "\nif __name__", "\nprint(", "\nassert ")
 _FENCE = re.compile(r"```[ \t]*(?:python|py|python3)?[ \t]*\n(.*?)(?:```|$)", re.DOTALL)

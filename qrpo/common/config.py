@@ -5,7 +5,7 @@ A script declares its configuration as a tree of dataclasses whose fields carry 
 
     dataclass defaults  <  --config FILE.yaml  <  dotted overrides on the command line
 
-    python -m train --config configs/train/qrpo_tiny.yaml optim.lr=3e-4 loss.beta=0.01
+    python -m qrpo.train --config configs/train/qrpo_tiny.yaml optim.lr=3e-4 loss.beta=0.01
 
 OmegaConf's structured configs do the merging and type checking, so an unknown or mistyped key
 (in the YAML or on the command line) is an error that names the key. A field with a fixed set of

@@ -24,7 +24,7 @@ is read as `canonical` and checked the same way):
     chosen       int                  index into completions of the preferred one, -1 if no pair
     rejected     int                  index of the dispreferred one, -1 if no pair
     source_row   int                  row index in the source file (0-based), for messages
-    origin       dict                 file and input field names, for messages (common.rows)
+    origin       dict                 file and input field names, for messages (qrpo.common.rows)
 
 What is checked, before any model is loaded (the first problem raises `DataError` naming the
 file, the row and the field as the input file spells it):
@@ -37,7 +37,7 @@ file, the row and the field as the input file spells it):
   the algorithm needs none); `ref_index` -1 or an index into the row's reference rewards;
 - across rows and files: the fewest reference rewards, pairs where the algorithm needs them, a
   completion id given twice, a prompt id given to two different prompts.
-common.tokenize then checks what needs the tokenizer: every message role is one the chat
+qrpo.common.tokenize then checks what needs the tokenizer: every message role is one the chat
 template accepts, and each sequence fits data.max_length.
 """
 
@@ -47,8 +47,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.config import ConfigError, choice, doc
-from common.rows import (  # noqa: F401  (re-exported: the schema's names live here)
+from qrpo.common.config import ConfigError, choice, doc
+from qrpo.common.rows import (  # noqa: F401  (re-exported: the schema's names live here)
     CANONICAL_COLUMNS,
     DataError,
     RowReader,

@@ -35,7 +35,7 @@ def measure_peak_tflops(
     min_seconds: float = 0.5,
 ) -> float:
     """Achieved dense-matmul TFLOP/s on `device` in `dtype`: the MFU denominator of the training
-    loop and the floor of `python -m kernels.bench`.
+    loop and the floor of `python -m qrpo.kernels.bench`.
 
     Each GEMM [m, k] x [k, n] (a large square one, 8192 on CUDA and 1024 on CPU, then any in
     `gemms`, e.g. a benchmark's own head GEMM) is timed call by call after one warm-up call, for

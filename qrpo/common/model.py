@@ -8,9 +8,9 @@ from pathlib import Path
 
 import torch
 
-from common.attention import ATTN_IMPLEMENTATIONS, choose_attention, register_attention
-from common.config import choice, doc
-from common.tiny import TINY_NAME, ensure_tiny
+from qrpo.common.attention import ATTN_IMPLEMENTATIONS, choose_attention, register_attention
+from qrpo.common.config import choice, doc
+from qrpo.common.tiny import TINY_NAME, ensure_tiny
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Autocast around a model's forward (accelerate's mixed_precision names), shared by training and
@@ -31,6 +31,12 @@ class ModelConfig:
         "in its length)",
     )
     liger: bool = doc(True, "apply liger-kernel RMSNorm/RoPE/SwiGLU patches when installed (CUDA)")
+    hub_kernels: bool = doc(
+        False,
+        "let transformers swap layers for Hugging Face hub kernels at load (`use_kernels`): code "
+        "downloaded at load time, and results that change with the hub; off, our kernels and "
+        "liger's patches are what runs",
+    )
 
 
 def resolve(name_or_path: str) -> str:
@@ -56,7 +62,7 @@ def load_model(cfg: ModelConfig, device: torch.device | str = "cpu", *, log=prin
     if cfg.liger and device.type == "cuda":
         _apply_liger(path, log)
     model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=DTYPES[cfg.dtype], attn_implementation=attn
+        path, dtype=DTYPES[cfg.dtype], attn_implementation=attn, use_kernels=cfg.hub_kernels
     )
     log(
         f"model {cfg.name_or_path} ({Path(path).name}): attention path = {attn} ({why}), "

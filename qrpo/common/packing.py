@@ -3,7 +3,7 @@
 An *example* is what a loss sees as one item: one sequence or a chosen/rejected pair, which
 always stays in one micro-batch. A micro-batch is one row of concatenated sequences, `[1, T]`,
 with `position_ids` restarting at 0 per sequence and `cu_seqlens` marking the boundaries;
-attention stays inside each sequence (common/attention.py: varlen kernels, or per-sequence
+attention stays inside each sequence (qrpo/common/attention.py: varlen kernels, or per-sequence
 buckets; never a dense [T, T] mask unless sdpa/eager is forced). Training, reference log-probs
 (generate) and evaluation all pack through here, so they score a sequence identically.
 """
@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from common.constants import IGNORE_INDEX
-from common.tokenize import shifted_targets
+from qrpo.common.constants import IGNORE_INDEX
+from qrpo.common.tokenize import shifted_targets
 
 
 @dataclass

@@ -15,7 +15,7 @@ import math
 
 import torch
 
-from common.config import ConfigError
+from qrpo.common.config import ConfigError
 
 
 def _device(name: str) -> torch.device:
@@ -25,12 +25,12 @@ def _device(name: str) -> torch.device:
 
 
 class RewardModel:
-    """One float per (prompt, completion); `cfg` is a common.rewards.RewardConfig."""
+    """One float per (prompt, completion); `cfg` is a qrpo.common.rewards.RewardConfig."""
 
     def __init__(self, cfg):
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-        from common.model import DTYPES, resolve
+        from qrpo.common.model import DTYPES, resolve
 
         path = resolve(cfg.model)
         self.cfg, self.device = cfg, _device(cfg.device)
@@ -41,7 +41,10 @@ class RewardModel:
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.model = AutoModelForSequenceClassification.from_pretrained(
-            path, dtype=DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code
+            path,
+            dtype=DTYPES[cfg.dtype],
+            trust_remote_code=cfg.trust_remote_code,
+            use_kernels=cfg.hub_kernels,
         )
         labels = self.model.config.num_labels
         if cfg.label_index >= labels:

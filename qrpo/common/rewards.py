@@ -5,7 +5,7 @@ score a completion the same way.
 A reward is one function, registered by name, called once per chunk of prompt rows (generate)
 or once per model's held-out samples (evaluate):
 
-    from common.rewards import register_reward
+    from qrpo.common.rewards import register_reward
 
     @register_reward("words")
     def words(rows, completions, cfg):
@@ -21,9 +21,9 @@ reward (`details`, written next to evaluate's samples) and how many tokens it re
 for generate's throughput). A chunk holds many completions, so a batched scorer (a reward
 model, the sandbox's workers) sees them at once.
 
-Built in: `task` (the embedded sorting task, common.tiny), `model` (a sequence-classification
-reward model, common.reward_model) and `code` (the fraction of a problem's asserts passed in the
-sandbox, common.code_reward). `reward.fn` names a registered reward, or `package.module:name`
+Built in: `task` (the embedded sorting task, qrpo.common.tiny), `model` (a sequence-classification
+reward model, qrpo.common.reward_model) and `code` (the fraction of a problem's asserts passed in the
+sandbox, qrpo.common.code_reward). `reward.fn` names a registered reward, or `package.module:name`
 for a reward outside the repository: the module is imported when the reward is first used, then
 `name` is its function, or a reward it registered under that name.
 """
@@ -35,9 +35,9 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import ClassVar
 
-from common.config import ConfigError, choice, choice_error, doc, sub
-from common.model import DTYPES
-from common.sandbox import SandboxConfig
+from qrpo.common.config import ConfigError, choice, choice_error, doc, sub
+from qrpo.common.model import DTYPES
+from qrpo.common.sandbox import SandboxConfig
 
 # rewards(rows, completions, cfg) -> rewards[i][j], or Scores
 Reward = Callable[[list[dict], list[list[str]], "RewardConfig"], "list[list[float]] | Scores"]
@@ -81,6 +81,10 @@ class RewardConfig:
     batch_size: int = doc(16, "fn=model: sequences per forward")
     dtype: str = choice("float32", tuple(DTYPES), "fn=model: weights dtype")
     trust_remote_code: bool = doc(False, "fn=model: allow the model's own code (e.g. ArmoRM)")
+    hub_kernels: bool = doc(
+        False,
+        "fn=model: let transformers swap in Hugging Face hub kernels at load (model.hub_kernels)",
+    )
     device: str = doc(
         "auto", "fn=model: auto (cuda when available; evaluate: its device) | cpu ..."
     )
@@ -142,7 +146,7 @@ def compute_rewards(cfg: RewardConfig, rows: list[dict], completions: list[list[
 @register_reward("task")
 def task_reward(rows: list[dict], completions: list[list[str]], cfg: RewardConfig):
     """The embedded sorting task's graded reward: fraction of answer positions right."""
-    from common.tiny import TASK
+    from qrpo.common.tiny import TASK
 
     return [[TASK.reward(r["prompt"], c) for c in cs] for r, cs in zip(rows, completions)]
 
@@ -159,14 +163,14 @@ def _cached(kind: str, key: str, make: Callable[[], object]):
 
 
 def _reward_model(cfg: RewardConfig):
-    from common.reward_model import RewardModel
+    from qrpo.common.reward_model import RewardModel
 
     key = repr({k: v for k, v in asdict(cfg).items() if k not in ("sandbox", "keep_existing")})
     return _cached("model", key, lambda: RewardModel(cfg))
 
 
 def _sandbox(cfg: RewardConfig):
-    from common.sandbox import Sandbox
+    from qrpo.common.sandbox import Sandbox
 
     return _cached("sandbox", repr(asdict(cfg.sandbox)), lambda: Sandbox(cfg.sandbox))
 
@@ -183,7 +187,7 @@ def model_reward(rows: list[dict], completions: list[list[str]], cfg: RewardConf
 @register_reward("code")
 def code_reward(rows: list[dict], completions: list[list[str]], cfg: RewardConfig) -> Scores:
     """Fraction of a code problem's asserts passed in the sandbox; details say why."""
-    from common.code_reward import CodeProblem, score_problems
+    from qrpo.common.code_reward import CodeProblem, score_problems
 
     problems = [CodeProblem.from_row(r, i) for i, r in enumerate(rows)]
     results = score_problems(_sandbox(cfg), problems, completions)

@@ -1,4 +1,4 @@
-"""One source row -> one canonical row, checked field by field (see common.data for the formats).
+"""One source row -> one canonical row, checked field by field (see qrpo.common.data for the formats).
 
 Every problem raises `DataError` naming the file, the row and the field *as the input spells it*:
 `rejected[1].role`, `responses[2].reward`, `completion`, `completions[0].ref_logp` (canonical

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 
 import torch
 
-from common.config import ConfigError, doc
-from common.data import content_hash
-from common.tokenize import encode_prompt
+from qrpo.common.config import ConfigError, doc
+from qrpo.common.data import content_hash
+from qrpo.common.tokenize import encode_prompt
 
 
 @dataclass
@@ -190,7 +190,7 @@ def sample_completions(
     for p in prompts:
         messages = p if isinstance(p, list) else []
         ids.append(encode_prompt(tokenizer, "" if messages else p, messages))
-        keys.append(content_hash(p))  # the id common.data gives a prompt without one
+        keys.append(content_hash(p))  # the id qrpo.common.data gives a prompt without one
     texts, _ = generate_samples(
         model,
         tokenizer,

@@ -51,14 +51,14 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common.sandbox_processes import (
+from qrpo.common.sandbox_processes import (
     kill_group,
     session_processes,
     uid_processes,
     wait_exit,
     world_enterable,
 )
-from common.sandbox_result import RunResult, read_available, read_layers, read_tail, verdict
+from qrpo.common.sandbox_result import RunResult, read_available, read_layers, read_tail, verdict
 
 # The child side, passed to fresh interpreters as source (sandbox_launcher.py explains why).
 LAUNCHER_SOURCE = Path(__file__).with_name("sandbox_launcher.py").read_text()
@@ -75,7 +75,7 @@ ISOLATIONS = ("auto", "namespaces", "basic")
 
 def _doc(default, text: str, choices: tuple | None = None):
     # Standalone (this module does not import common): `choices` is the metadata that
-    # common.config.choice sets, so build_config checks the field all the same.
+    # qrpo.common.config.choice sets, so build_config checks the field all the same.
     meta = {"doc": text} if choices is None else {"doc": text, "choices": choices}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)

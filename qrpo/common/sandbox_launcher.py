@@ -1,4 +1,4 @@
-"""The child side of `common.sandbox`, first half: launcher and PID-1 init (standard library).
+"""The child side of `qrpo.common.sandbox`, first half: launcher and PID-1 init (standard library).
 
 The parent never imports this file: it passes its source to `python -c SOURCE SPEC`, so nothing
 here depends on the parent's state. One test of one candidate is three processes:

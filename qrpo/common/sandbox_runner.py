@@ -1,4 +1,4 @@
-"""The child side of `common.sandbox`, second half: the test runner (standard library).
+"""The child side of `qrpo.common.sandbox`, second half: the test runner (standard library).
 
 The launcher (sandbox_launcher.py) execs a fresh interpreter on this file's source as the sandbox
 uid, with resource limits and no new privileges already set, stdin holding the payload and fd 3

@@ -33,7 +33,7 @@ PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
 USER, ASSISTANT, SYSTEM = "<|user|>", "<|assistant|>", "<|system|>"
 
 # Renders `<|user|>sort 3 1 2\n<|assistant|>` for a generation prompt. Completions are
-# appended as text followed by EOS (see common.tokenize); no space after the role token, so the
+# appended as text followed by EOS (see qrpo.common.tokenize); no space after the role token, so the
 # completion tokenized on its own is exactly what the model sees after the prompt.
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"

@@ -9,15 +9,15 @@ kernel: `targets[t]` is the token predicted at position t, and only completion t
 Before anything is encoded, every message role of the data (prompt and completion message
 lists) must be one the tokenizer's chat template accepts: a template that raises on a role, or
 renders nothing of a message with it, does not. Errors name the file, row and field as the
-input spells them (the rows' `origin`, see common.rows).
+input spells them (the rows' `origin`, see qrpo.common.rows).
 """
 
 from __future__ import annotations
 
 import difflib
 
-from common.constants import IGNORE_INDEX
-from common.data import DataConfig, DataError
+from qrpo.common.constants import IGNORE_INDEX
+from qrpo.common.data import DataConfig, DataError
 
 COMMON_ROLES = ("system", "user", "assistant", "tool")
 _PROBE = {"content": "q7x3v9"}  # a content no template writes by itself
@@ -87,7 +87,7 @@ class TemplateRoles:
 
 
 def _origin(row: dict, source: str) -> dict:
-    """Where the row came from; rows built without common.data (the generate steps' own) are
+    """Where the row came from; rows built without qrpo.common.data (the generate steps' own) are
     named by the canonical fields."""
     if "origin" in row:
         return row["origin"]

@@ -2,20 +2,20 @@
 length-controlled reward, lengths, KL to the reference and the length bias of the implicit
 reward, as JSON, a Markdown table and plots.
 
-    python -m evaluate models=[runs/demo/sft,runs/demo/qrpo,runs/demo/dpo] \\
+    python -m qrpo.evaluate models=[runs/demo/sft,runs/demo/qrpo,runs/demo/dpo] \\
         prompts=runs/demo/data/eval_prompts.jsonl out=runs/demo/eval.json
-    python -m evaluate models=[REF_DIR,RUN_DIR] reward.fn=model reward.model=RM_DIR
-    python -m evaluate models=[REF_DIR,RUN_DIR] prompts=problems.jsonl reward.fn=code \\
+    python -m qrpo.evaluate models=[REF_DIR,RUN_DIR] reward.fn=model reward.model=RM_DIR
+    python -m qrpo.evaluate models=[REF_DIR,RUN_DIR] prompts=problems.jsonl reward.fn=code \\
         n=10 pass_k=[1,5] reward.sandbox.cpu_seconds=1
 
 `models` lists model folders or run folders (a run folder means its `final/` checkpoint); the
 first one is the reference that every other model is compared with (its own row is the
 baseline: win rate 1/2, KL 0). Every model samples `n` completions per held-out prompt with the
-same per-prompt seeds (common.sampling), each completion is scored (common.rewards, the
+same per-prompt seeds (qrpo.common.sampling), each completion is scored (qrpo.common.rewards, the
 registry generate's reward step uses too), and its log-probability
 under the model and under the reference is computed from packed sequences with the no-logits
-kernel (kernels.sequence_model: sequence_logps over SequenceLogprobModel), on the completion
-as training sees it: its text re-tokenized, plus EOS (common.tokenize). For a sample cut at
+kernel (qrpo.kernels.sequence_model: sequence_logps over SequenceLogprobModel), on the completion
+as training sees it: its text re-tokenized, plus EOS (qrpo.common.tokenize). For a sample cut at
 max_new_tokens (the share is reported as `at_max_new_tokens`) or one whose text does not
 re-tokenize to the sampled tokens, that sequence is not exactly a sample of the policy, and k1
 can come out negative; k3 is non-negative per sample.
@@ -36,14 +36,14 @@ from pathlib import Path
 
 import torch
 
-from common.config import ConfigError, choice, doc, sub
-from common.model import DTYPES, ModelConfig, load_model, load_tokenizer
-from common.rewards import RewardConfig, compute_rewards, load_reward
-from common.sampling import SamplingConfig, sample_completions
-from common.tiny import TINY_NAME
-from common.tokenize import encode_completion, encode_prompt
-from evaluate import metrics, plots
-from kernels.logprobs_api import LOGPROB_BACKENDS
+from qrpo.common.config import ConfigError, choice, doc, sub
+from qrpo.common.model import DTYPES, ModelConfig, load_model, load_tokenizer
+from qrpo.common.rewards import RewardConfig, compute_rewards, load_reward
+from qrpo.common.sampling import SamplingConfig, sample_completions
+from qrpo.common.tiny import TINY_NAME
+from qrpo.common.tokenize import encode_completion, encode_prompt
+from qrpo.evaluate import metrics, plots
+from qrpo.kernels.logprobs_api import LOGPROB_BACKENDS
 
 LENGTH_UNITS = ("tokens", "words", "chars")
 
@@ -63,6 +63,7 @@ class EvalConfig(SamplingConfig):
     length_unit: str = choice("tokens", LENGTH_UNITS, "length for the LC reward and the bias")
     pass_k: list = doc([1], "k of pass@k for reward.fn=code (k <= n)")
     dtype: str = choice("float32", tuple(DTYPES), "model weights dtype")
+    hub_kernels: bool = doc(False, "hub kernels at load for every model (model.hub_kernels)")
     device: str = doc("auto", "auto (cuda when available) | cpu | cuda | cuda:1 ...")
     kernel_backend: str = choice("auto", LOGPROB_BACKENDS, "log-prob kernel")
     micro_batch_tokens: int = doc(8192, "tokens per packed log-prob batch")
@@ -127,7 +128,7 @@ def load_rows(cfg: EvalConfig) -> list[dict]:
             if "prompt" not in row:
                 raise ConfigError(f"{path}, row {i}: no 'prompt' field")
     else:
-        from common.tiny import TASK
+        from qrpo.common.tiny import TASK
 
         rows = [{"prompt": p} for p in TASK.prompts("eval", cfg.n_prompts or 32)]
     rows = rows[: cfg.n_prompts] if cfg.n_prompts else rows
@@ -153,8 +154,8 @@ def completion_logps(
     model, ref_model, prompt_ids: list[list[int]], completion_ids: list[list[list[int]]], cfg
 ) -> tuple[list[list[float]], list[list[float]]]:
     """Summed completion log-probs (EOS included) under the model and the reference."""
-    from common.packing import Example, Sequence
-    from kernels.sequence_model import SequenceLogprobModel, sequence_logps
+    from qrpo.common.packing import Example, Sequence
+    from qrpo.kernels.sequence_model import SequenceLogprobModel, sequence_logps
 
     examples = [
         Example([Sequence(prompt_ids[i] + ids, len(prompt_ids[i]), i)])
@@ -311,7 +312,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     runs: list[ModelSamples] = []
     ref_model = None
     for k, (name, path) in enumerate(zip(names, paths)):
-        mcfg = ModelConfig(name_or_path=path, dtype=cfg.dtype)
+        mcfg = ModelConfig(name_or_path=path, dtype=cfg.dtype, hub_kernels=cfg.hub_kernels)
         model = load_model(mcfg, device, log=lambda *_: None).to(device).eval()
         tok = ref_tok if k == 0 else load_tokenizer(mcfg)
         if len(tok) != len(ref_tok) or tok.eos_token_id != ref_tok.eos_token_id:

@@ -9,7 +9,7 @@ KL is placed on the plot at the median over seeds of each run's k3, with bars fr
 to the largest seed. A run's k3 is a mean of exp(-r) - 1 + r over its samples (r = log-ratio
 policy/reference): a single held-out sample that the policy scores far below the reference
 (a completion cut at max_new_tokens then closed with EOS, or text that re-tokenizes
-differently; evaluate/evaluate.py) adds exp(|r|)/n, so one seed can read 10^2 to 10^4 nats
+differently; qrpo/evaluate/evaluate.py) adds exp(|r|)/n, so one seed can read 10^2 to 10^4 nats
 where the others read 1. The mean over seeds is kept in the table (`kl_k3`), next to the median
 (`kl_k3_median`) and k1.
 """

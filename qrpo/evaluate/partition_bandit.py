@@ -1,4 +1,4 @@
-"""`python -m evaluate.partition_bandit`: what each QRPO partition form does to the optimum.
+"""`python -m qrpo.evaluate.partition_bandit`: what each QRPO partition form does to the optimum.
 
 A bandit with 8 arms, a fixed reference policy pi_ref and one reward per arm (distinct, or graded
 with ties). For a reference set S of K rewards drawn from pi_ref, every arm a gets the estimated
@@ -19,8 +19,8 @@ L_S is minimised exactly (its stationarity condition, solved with Lambert's W an
 checked by autograd and, in the tests, against L-BFGS), and the table reports the expected
 total variation TV(pi_fit, pi_S) and the residual delta.
 
-    python -m evaluate.partition_bandit                        # identity, beta 0.1, K in 0,2,4,6
-    python -m evaluate.partition_bandit beta=0.3 transform=log out_dir=runs/bandit_log
+    python -m qrpo.evaluate.partition_bandit                        # identity, beta 0.1, K in 0,2,4,6
+    python -m qrpo.evaluate.partition_bandit beta=0.3 transform=log out_dir=runs/bandit_log
 
 Writes out_dir/partition_bandit.md (the table), .json (every figure) and .png (TV against K).
 Runs in seconds on a CPU. The derivation is in docs/partition.md.
@@ -39,9 +39,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from common.config import ConfigError, doc, exit_on_error, parse_config
-from kernels.partition import log_partition_empirical, log_partition_finite_k
-from kernels.qrpo import apply_transform, log_partition
+from qrpo.common.config import ConfigError, doc, exit_on_error, parse_config
+from qrpo.kernels.partition import log_partition_empirical, log_partition_finite_k
+from qrpo.kernels.qrpo import apply_transform, log_partition
 
 # The reference policy (decreasing towards the better arms, as a base model that is mostly
 # wrong) and the rewards of its 8 arms; only their order matters to the quantiles.
@@ -297,7 +297,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg = parse_config(
         BanditConfig,
         argv,
-        prog="python -m evaluate.partition_bandit",
+        prog="python -m qrpo.evaluate.partition_bandit",
         description="Exact QRPO optimum on an 8-arm bandit under each partition form.",
     )
     run(cfg)

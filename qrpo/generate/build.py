@@ -1,6 +1,6 @@
-"""Step 4, `python -m generate.build`: training rows from scored prompt groups, by regime.
+"""Step 4, `python -m qrpo.generate.build`: training rows from scored prompt groups, by regime.
 
-    python -m generate.build out=runs/gen build.regime=pointwise
+    python -m qrpo.generate.build out=runs/gen build.regime=pointwise
 
 Every row carries its prompt's reference rewards; a completion that is itself a reference sample
 keeps its `ref_index` (the leave-one-out estimator, `loss.exclude_self`), and `ref_logp` when
@@ -15,7 +15,7 @@ computed. Regimes (docs/methods.md, section 2):
                 completions in one pointwise row, scored by the reward step.
 
 Empty samples (EOS at once) count among the reference rewards but are not trained on. The output
-is the canonical schema (plus `pairs`), which `python -m train` reads once merged.
+is the canonical schema (plus `pairs`), which `python -m qrpo.train` reads once merged.
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ import math
 import random
 import sys
 
-from common.data import DataError
-from generate.runner import cli, exit_on_error, run_shard_step
+from qrpo.common.data import DataError
+from qrpo.generate.runner import cli, exit_on_error, run_shard_step
 
 
 def _reward(row: dict, j: int, source: str) -> float:

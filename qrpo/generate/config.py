@@ -1,11 +1,11 @@
 """One configuration tree for every step of the reference-data pipeline.
 
-Every step (`python -m generate.sample`, `.reward`, `.build`, `.ref_logps`, `.merge`, and
-`python -m generate.pipeline`, which runs them in order) takes the same tree, so one YAML file
+Every step (`python -m qrpo.generate.sample`, `.reward`, `.build`, `.ref_logps`, `.merge`, and
+`python -m qrpo.generate.pipeline`, which runs them in order) takes the same tree, so one YAML file
 describes a whole run and each node of a SLURM array runs the same commands with its own shard:
 
-    python -m generate.pipeline --config gen.yaml shard=3 num_shards=64
-    python -m generate.reward --config gen.yaml shard=3 num_shards=64   # one step alone
+    python -m qrpo.generate.pipeline --config gen.yaml shard=3 num_shards=64
+    python -m qrpo.generate.reward --config gen.yaml shard=3 num_shards=64   # one step alone
 
 A step reads the output folder of the step before it in `steps` (`OUT/<that step>`), or
 `data.path` when it comes first, and writes `OUT/<step>/shard-*/chunk-*.parquet`.
@@ -17,12 +17,12 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.config import ConfigError, choice, doc, sub
-from common.data import DataConfig
-from common.model import MIXED_PRECISIONS, ModelConfig
-from common.rewards import RewardConfig
-from common.sampling import SamplingConfig
-from kernels.logprobs_api import LOGPROB_BACKENDS
+from qrpo.common.config import ConfigError, choice, doc, sub
+from qrpo.common.data import DataConfig
+from qrpo.common.model import MIXED_PRECISIONS, ModelConfig
+from qrpo.common.rewards import RewardConfig
+from qrpo.common.sampling import SamplingConfig
+from qrpo.kernels.logprobs_api import LOGPROB_BACKENDS
 
 STEPS = ("sample", "reward", "build", "ref_logps", "merge")
 REGIMES = ("pointwise", "best_worst", "random_pairs", "offline")

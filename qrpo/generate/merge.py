@@ -1,12 +1,12 @@
-"""Step 5, `python -m generate.merge`: one file from a step's shards, complete or nothing.
+"""Step 5, `python -m qrpo.generate.merge`: one file from a step's shards, complete or nothing.
 
-    python -m generate.merge out=runs/gen                        # the step before merge in steps
-    python -m generate.merge out=runs/gen merge.step=sample merge.output=samples.jsonl
-    python -m generate.merge out=runs/gen merge.allow_partial=true
+    python -m qrpo.generate.merge out=runs/gen                        # the step before merge in steps
+    python -m qrpo.generate.merge out=runs/gen merge.step=sample merge.output=samples.jsonl
+    python -m qrpo.generate.merge out=runs/gen merge.allow_partial=true
 
 Before writing, every shard of the step must be finished, every chunk its plan lists must be
 there, and every prompt id and completion id must occur exactly once (checked against the plans
-and manifests; see generate.shards.collect). Otherwise it names each missing shard, missing
+and manifests; see qrpo.generate.shards.collect). Otherwise it names each missing shard, missing
 chunk, missing prompt and duplicated id, and writes nothing, unless `merge.allow_partial=true`:
 then it writes what there is (each duplicated prompt once) and says what is missing. Rows are in
 source order whatever the sharding, so one shard and many give the same file. The output is
@@ -19,9 +19,9 @@ import os
 import sys
 from pathlib import Path
 
-from common.data import write_jsonl
-from generate.runner import cli, exit_on_error
-from generate.shards import (
+from qrpo.common.data import write_jsonl
+from qrpo.generate.runner import cli, exit_on_error
+from qrpo.generate.shards import (
     ShardError,
     collect,
     format_summary,

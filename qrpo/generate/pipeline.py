@@ -1,22 +1,22 @@
-r"""`python -m generate.pipeline`: the reference-data pipeline, its steps in order, for one shard.
+r"""`python -m qrpo.generate.pipeline`: the reference-data pipeline, its steps in order, for one shard.
 
-The embedded tiny task end to end, from the SFT reference that `python -m pipelines.demo` writes
+The embedded tiny task end to end, from the SFT reference that `python -m qrpo.pipelines.demo` writes
 (256 prompts x 8 samples: about 15 s for the pipeline and 15 s for QRPO on 2 CPU cores):
 
-    python -m generate step=task out=runs/gen/data
-    python -m generate.pipeline data.path=runs/gen/data/train_prompts.jsonl out=runs/gen \
+    python -m qrpo.generate step=task out=runs/gen/data
+    python -m qrpo.generate.pipeline data.path=runs/gen/data/train_prompts.jsonl out=runs/gen \
         model.name_or_path=runs/demo/sft/final sample.n=8 sample.max_new_tokens=24 \
         reward.fn=task build.regime=pointwise chunk_size=32
-    python -m train --config configs/train/qrpo_tiny.yaml model.name_or_path=runs/demo/sft/final \
+    python -m qrpo.train --config configs/train/qrpo_tiny.yaml model.name_or_path=runs/demo/sft/final \
         data.path=runs/gen/ref_logps.parquet ref.source=data
 
 The same, one step at a time (each takes the same keys; see `--help`):
 
-    python -m generate.sample    ...   # OUT/sample     n samples per prompt
-    python -m generate.reward    ...   # OUT/reward     rewards, ref_rewards
-    python -m generate.build     ...   # OUT/build      training rows by regime
-    python -m generate.ref_logps ...   # OUT/ref_logps  reference log-probs of those rows
-    python -m generate.merge     ...   # OUT/ref_logps.parquet, checked complete
+    python -m qrpo.generate.sample    ...   # OUT/sample     n samples per prompt
+    python -m qrpo.generate.reward    ...   # OUT/reward     rewards, ref_rewards
+    python -m qrpo.generate.build     ...   # OUT/build      training rows by regime
+    python -m qrpo.generate.ref_logps ...   # OUT/ref_logps  reference log-probs of those rows
+    python -m qrpo.generate.merge     ...   # OUT/ref_logps.parquet, checked complete
 
 Many nodes: a SLURM array runs one shard per task (`shard`/`num_shards` default to
 SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN and SLURM_ARRAY_TASK_COUNT). Each task runs every
@@ -24,8 +24,8 @@ step on its own shard, reading only its own shard of the step before; the merge 
 succeeds in whichever task finishes last (the others say it is waiting for shards). A rerun of
 the same command skips finished shards and chunks, so requeued or killed tasks resume:
 
-    sbatch --array=0-63 --gpus=1 --wrap "python -m generate.pipeline --config gen.yaml"
-    python -m generate.merge --config gen.yaml        # or by hand, once all are done
+    sbatch --array=0-63 --gpus=1 --wrap "python -m qrpo.generate.pipeline --config gen.yaml"
+    python -m qrpo.generate.merge --config gen.yaml        # or by hand, once all are done
 """
 
 from __future__ import annotations
@@ -34,11 +34,11 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from generate import build, ref_logps, reward, sample
-from generate.config import PipelineConfig
-from generate.merge import merge, merged_step
-from generate.runner import cli, exit_on_error, log, run_shard_step
-from generate.shards import resolve_shard, shard_name
+from qrpo.generate import build, ref_logps, reward, sample
+from qrpo.generate.config import PipelineConfig
+from qrpo.generate.merge import merge, merged_step
+from qrpo.generate.runner import cli, exit_on_error, log, run_shard_step
+from qrpo.generate.shards import resolve_shard, shard_name
 
 # The sharded steps and the function that makes each one's worker; merge runs after them.
 STEP_WORKERS = {
@@ -72,7 +72,7 @@ def run_pipeline(cfg: PipelineConfig, log: Callable[[str], None] = log) -> dict:
             if waiting:
                 log(
                     f"merge: {len(waiting)} shard(s) of {step_dir} still running (e.g. "
-                    f"{waiting[:5]}); the last to finish merges, or run python -m generate.merge"
+                    f"{waiting[:5]}); the last to finish merges, or run python -m qrpo.generate.merge"
                 )
                 continue
         results[step] = run_step(cfg, step, log)
@@ -83,5 +83,10 @@ def main(argv: list[str] | None = None) -> None:
     cli("pipeline", argv, __doc__, run_pipeline)
 
 
-if __name__ == "__main__":
+def console_main() -> None:
+    """The console script `qrpo-generate`: `main` whose expected failures end in one line, exit 2."""
     exit_on_error(main, sys.argv[1:])
+
+
+if __name__ == "__main__":
+    console_main()

@@ -1,7 +1,7 @@
 """The rows the steps pass to each other, and how an input file becomes them.
 
-Every step reads and writes rows of the canonical schema of `common.data` (so any merged output
-is a file `python -m train` reads: it is auto-detected from prompt_id/completions/ref_rewards),
+Every step reads and writes rows of the canonical schema of `qrpo.common.data` (so any merged output
+is a file `python -m qrpo.train` reads: it is auto-detected from prompt_id/completions/ref_rewards),
 plus `pairs`, all of a prompt's chosen/rejected pairs, and `info`, the input row's other
 columns as JSON (unit tests, an entry point, ...: what a reward function may need):
 
@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from common.data import (
+from qrpo.common.data import (
     CANONICAL_COLUMNS,
     COMPLETION_COLUMNS,
     DataConfig,
@@ -81,7 +81,7 @@ def features():
 
 
 def prompt_id_of(prompt: str | list[dict]) -> str:
-    """The id common.data gives a prompt without one: the same prompt has it in every file."""
+    """The id qrpo.common.data gives a prompt without one: the same prompt has it in every file."""
     return content_hash(prompt)
 
 
@@ -138,7 +138,7 @@ def _prompt_row(row: Any, index: int, source: str) -> dict:
 
 
 def read_data_groups(cfg: DataConfig) -> tuple[list[dict], str]:
-    """Any format of common.data, or prompts-only rows -> one group per distinct prompt id."""
+    """Any format of qrpo.common.data, or prompts-only rows -> one group per distinct prompt id."""
     # Rows are numbered across the files of a folder: source_row orders the shards.
     rows, _, source, fmt = read_data(cfg, allow_prompts_only=True)
     canonical = []

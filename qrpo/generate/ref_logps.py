@@ -1,13 +1,13 @@
-r"""Step 3, `python -m generate.ref_logps`: summed reference log-probs of every completion.
+r"""Step 3, `python -m qrpo.generate.ref_logps`: summed reference log-probs of every completion.
 
-    python -m generate.ref_logps out=runs/gen model.name_or_path=REF \
+    python -m qrpo.generate.ref_logps out=runs/gen model.name_or_path=REF \
         ref_logps.micro_batch_tokens=16384 ref_logps.mixed_precision=bf16
 
 With precomputed log-probs, training holds no reference model (`ref.source=data`). They must be
 what the training loop would compute at step 0, so this step runs the training loop's own code:
-common.tokenize for the tokens (completion + EOS), `kernels.sequence_model.SequenceLogprobModel`
+qrpo.common.tokenize for the tokens (completion + EOS), `qrpo.kernels.sequence_model.SequenceLogprobModel`
 (the no-logits kernel `kernels.sequence_logprobs`) and its `sequence_logps` over
-`common.packing.pack`/`collate` micro-batches, under the loop's autocast policy. Give it the training run's model, dtype, kernel
+`qrpo.common.packing.pack`/`collate` micro-batches, under the loop's autocast policy. Give it the training run's model, dtype, kernel
 backend and mixed precision; the loop checks the first `ref.check_rows` rows against the start
 policy before training. Nothing is truncated here: rows over the training run's
 data.max_length are the training run's to drop or refuse.
@@ -22,15 +22,15 @@ import sys
 
 import torch
 
-from common.data import DataConfig
-from common.tokenize import tokenize_rows
-from generate.runner import cli, exit_on_error, run_shard_step
+from qrpo.common.data import DataConfig
+from qrpo.common.tokenize import tokenize_rows
+from qrpo.generate.runner import cli, exit_on_error, run_shard_step
 
 
 def make_worker(cfg, source: str):
-    from common.model import load_model, load_tokenizer
-    from common.packing import Example, Sequence
-    from kernels.sequence_model import SequenceLogprobModel, autocast, sequence_logps
+    from qrpo.common.model import load_model, load_tokenizer
+    from qrpo.common.packing import Example, Sequence
+    from qrpo.kernels.sequence_model import SequenceLogprobModel, autocast, sequence_logps
 
     rc = cfg.ref_logps
     if rc.device == "auto":

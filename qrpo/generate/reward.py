@@ -1,15 +1,15 @@
-"""Step 2, `python -m generate.reward`: score every completion, fill each prompt's ref_rewards.
+"""Step 2, `python -m qrpo.generate.reward`: score every completion, fill each prompt's ref_rewards.
 
-    python -m generate.reward out=runs/gen reward.fn=task                 # the embedded task
-    python -m generate.reward out=runs/gen reward.fn=model reward.model=RM reward.max_length=2048
-    python -m generate.reward out=runs/gen reward.fn=code reward.sandbox.cpu_seconds=1
-    python -m generate.reward out=runs/gen reward.fn=mypkg.rewards:unit_tests
+    python -m qrpo.generate.reward out=runs/gen reward.fn=task                 # the embedded task
+    python -m qrpo.generate.reward out=runs/gen reward.fn=model reward.model=RM reward.max_length=2048
+    python -m qrpo.generate.reward out=runs/gen reward.fn=code reward.sandbox.cpu_seconds=1
+    python -m qrpo.generate.reward out=runs/gen reward.fn=mypkg.rewards:unit_tests
 
-Rewards come from common.rewards, the registry that evaluate scores with too: a reward function
+Rewards come from qrpo.common.rewards, the registry that evaluate scores with too: a reward function
 gets a chunk of prompt rows (the prompt as the data gave it, text or chat messages, and the input
 row's other columns: a code problem's unit tests, an entry point, ...) and their completions.
 `reward.fn=model` scores with a sequence-classification reward model through its own tokenizer
-and chat template (common.reward_model), `reward.fn=code` runs a problem's asserts in the
+and chat template (qrpo.common.reward_model), `reward.fn=code` runs a problem's asserts in the
 sandbox (the paper's code reward is the fraction of unit tests passed).
 
 The reference rewards of a prompt are the rewards of its reference samples in `ref_index`
@@ -22,10 +22,10 @@ from __future__ import annotations
 import math
 import sys
 
-from common.data import DataError
-from common.rewards import RewardConfig, compute_rewards, load_reward
-from generate.records import info_of, prompt_of
-from generate.runner import cli, exit_on_error, run_shard_step
+from qrpo.common.data import DataError
+from qrpo.common.rewards import RewardConfig, compute_rewards, load_reward
+from qrpo.generate.records import info_of, prompt_of
+from qrpo.generate.runner import cli, exit_on_error, run_shard_step
 
 
 def _checked(value, source: str, row: dict, j: int, fn: str) -> float:

@@ -1,7 +1,7 @@
 """Running one step of the generation pipeline on this process's shard, and the steps' CLI.
 
 The step modules (sample, reward, build, ref_logps, merge) hand their own `make_worker` or merge
-function to this module; generate/pipeline.py names the steps in order. So a step module imports
+function to this module; qrpo/generate/pipeline.py names the steps in order. So a step module imports
 this runner and the pipeline imports the steps, never the other way round.
 """
 
@@ -11,12 +11,12 @@ import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 
-from common import config
-from common.config import ConfigError, parse_config, to_yaml
-from common.data import DataError
-from generate.config import PipelineConfig, fingerprint, step_input
-from generate.records import read_data_groups, units_of
-from generate.shards import (
+from qrpo.common import config
+from qrpo.common.config import ConfigError, parse_config, to_yaml
+from qrpo.common.data import DataError
+from qrpo.generate.config import PipelineConfig, fingerprint, step_input
+from qrpo.generate.records import read_data_groups, units_of
+from qrpo.generate.shards import (
     ShardError,
     assign,
     collect,
@@ -87,7 +87,7 @@ def cli(
 ):
     """Command-line entry of one step (or `pipeline`): the shared config tree, then `run`."""
     cfg = parse_config(
-        PipelineConfig, argv, prog=f"python -m generate.{step}", description=description
+        PipelineConfig, argv, prog=f"python -m qrpo.generate.{step}", description=description
     )
     return run(cfg)
 

@@ -1,14 +1,14 @@
-r"""Step 1, `python -m generate.sample`: n completions per prompt from the reference model.
+r"""Step 1, `python -m qrpo.generate.sample`: n completions per prompt from the reference model.
 
-    python -m generate.sample data.path=prompts.jsonl model.name_or_path=REF out=runs/gen \
+    python -m qrpo.generate.sample data.path=prompts.jsonl model.name_or_path=REF out=runs/gen \
         sample.n=50 sample.max_new_tokens=2048 shard=0 num_shards=1
 
-Input: any format of common.data, or prompts-only JSONL `{"prompt": text or messages,
-"prompt_id"?: ...}`; prompts are rendered with common.tokenize.encode_prompt (the chat template
+Input: any format of qrpo.common.data, or prompts-only JSONL `{"prompt": text or messages,
+"prompt_id"?: ...}`; prompts are rendered with qrpo.common.tokenize.encode_prompt (the chat template
 for message lists). Output rows keep the data's own completions (`ref_index` -1) and append the
 samples, `completion_id` `<prompt_id>:ref<k>`, `ref_index` k.
 
-Sampling itself (seeded per prompt and sample, whatever the batching) is common/sampling.py.
+Sampling itself (seeded per prompt and sample, whatever the batching) is qrpo/common/sampling.py.
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ import sys
 
 import torch
 
-from common.sampling import generate_samples, sample_seed, stop_ids
-from common.tokenize import encode_prompt
-from generate.records import completion
-from generate.runner import cli, exit_on_error, run_shard_step
+from qrpo.common.sampling import generate_samples, sample_seed, stop_ids
+from qrpo.common.tokenize import encode_prompt
+from qrpo.generate.records import completion
+from qrpo.generate.runner import cli, exit_on_error, run_shard_step
 
 # --------------------------------------------------------------------------- the step
 
@@ -30,7 +30,7 @@ def _vllm_sampler(cfg, tokenizer):
     """vLLM generation with one seeded SamplingParams per prompt (CUDA; not run in tests)."""
     from vllm import LLM, SamplingParams
 
-    from common.model import resolve
+    from qrpo.common.model import resolve
 
     path = resolve(cfg.model.name_or_path)
     llm = LLM(
@@ -83,7 +83,7 @@ def with_samples(row: dict, texts: list[str]) -> dict:
 
 def make_worker(cfg, source: str):
     """Load the reference model (or vLLM) once; the worker samples one chunk of prompt groups."""
-    from common.model import load_model, load_tokenizer
+    from qrpo.common.model import load_model, load_tokenizer
 
     tokenizer = load_tokenizer(cfg.model)
     sc = cfg.sample

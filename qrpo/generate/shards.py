@@ -25,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from generate.records import clean, features, units_of
+from qrpo.generate.records import clean, features, units_of
 
 SHARD_RE = re.compile(r"^shard-(\d{5})-of-(\d{5})$")
 CHUNK_RE = re.compile(r"^chunk-(\d{6})\.parquet$")

@@ -1,15 +1,15 @@
 """No-logits kernels for QRPO: per-sequence log-probs from the LM head, and the QRPO loss.
 
-    from kernels import sequence_logprobs, qrpo_loss, log_partition, fused_head_loss
+    from qrpo.kernels import sequence_logprobs, qrpo_loss, log_partition, fused_head_loss
 
 Triton is imported only when a Triton backend is used, so the package works on CPU-only installs.
 """
 
-from kernels.fused_head import fused_head_loss
-from kernels.logprobs_api import SequenceLogprobs, sequence_logprobs
-from kernels.partition import PARTITIONS
-from kernels.qrpo import QRPOStats, log_partition
-from kernels.qrpo_api import QRPOLoss, qrpo_loss
+from qrpo.kernels.fused_head import fused_head_loss
+from qrpo.kernels.logprobs_api import SequenceLogprobs, sequence_logprobs
+from qrpo.kernels.partition import PARTITIONS
+from qrpo.kernels.qrpo import QRPOStats, log_partition
+from qrpo.kernels.qrpo_api import QRPOLoss, qrpo_loss
 
 __all__ = [
     "sequence_logprobs",

@@ -1,11 +1,11 @@
 """Benchmark of per-sequence log-probs from the LM head: our kernels against the usual baselines.
 
-    python -m kernels.bench               # GPU: Llama-3-8B, Qwen2.5-7B heads, N in {4096, 16384}
-    python -m kernels.bench --device cpu  # CPU: N=4096, D=256, V=32000 fp32 (Triton skipped)
-    python -m kernels.bench --compile     # also time the naive version under torch.compile
-    python -m kernels.bench --tokens 8192 --methods triton liger(none)   # a subset
+    python -m qrpo.kernels.bench               # GPU: Llama-3-8B, Qwen2.5-7B heads, N in {4096, 16384}
+    python -m qrpo.kernels.bench --device cpu  # CPU: N=4096, D=256, V=32000 fp32 (Triton skipped)
+    python -m qrpo.kernels.bench --compile     # also time the naive version under torch.compile
+    python -m qrpo.kernels.bench --tokens 8192 --methods triton liger(none)   # a subset
 
-Methods (kernels/bench_methods.py): ours ("triton", "torch"), "naive" eager (full logits),
+Methods (qrpo/kernels/bench_methods.py): ours ("triton", "torch"), "naive" eager (full logits),
 "naive+compile", our fused head+loss passes "fused-qrpo" and "fused-dpo", Liger-Kernel's fused
 linear cross-entropy with reduction="none" (per-token losses summed per sequence, gradients
 recomputed in backward like ours) and "mean" (its fast path that computes the gradient inside
@@ -22,10 +22,10 @@ and, for forward+backward, four units for two-pass methods (forward, logits reco
 and three for gradient-in-forward ones (fused-*, liger(mean), liger-dpo), the percentage of that
 floor (the units at the matmul peak measured on this device in the benchmark dtype), and the max
 and mean per-sequence |log-prob error| against a float64 reference. The Triton tile
-configuration of each shape is printed (kernels/tiles.py), and the issue's goals are checked at
+configuration of each shape is printed (qrpo/kernels/tiles.py), and the issue's goals are checked at
 the N = 16,384 GPU shapes.
 
-Memory is measured as kernels/bench_measure.py describes.
+Memory is measured as qrpo/kernels/bench_measure.py describes.
 
 Writes results.json, results.csv and results.png (bar charts) to --out.
 """
@@ -41,8 +41,8 @@ from pathlib import Path
 
 import torch
 
-from common.flops import measure_peak_tflops
-from kernels.bench_measure import (
+from qrpo.common.flops import measure_peak_tflops
+from qrpo.kernels.bench_measure import (
     Result,
     Shape,
     bench_one,
@@ -51,9 +51,9 @@ from kernels.bench_measure import (
     not_run,
     pin_malloc,
 )
-from kernels.bench_methods import available_methods, method_context
-from kernels.bench_report import goals, print_table, table_row, write_results
-from kernels.tiles import current_config, describe
+from qrpo.kernels.bench_methods import available_methods, method_context
+from qrpo.kernels.bench_report import goals, print_table, table_row, write_results
+from qrpo.kernels.tiles import current_config, describe
 
 GPU_SHAPES = [
     Shape(f"{model} N={n}", n, d, v, "bfloat16", 1000)
@@ -72,7 +72,9 @@ def _git_commit() -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m qrpo.kernels.bench", description=__doc__.split("\n\n")[0]
+    )
     # Where and what
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--tokens", type=int, nargs="*", help="override N for every shape")

@@ -1,4 +1,4 @@
-"""What `python -m kernels.bench` measures for one (shape, method): inputs, the float64
+"""What `python -m qrpo.kernels.bench` measures for one (shape, method): inputs, the float64
 reference, best-of wall times and peak extra memory.
 
 Memory: on CUDA, torch.cuda.max_memory_allocated over the call minus the memory before it and
@@ -22,9 +22,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from common.constants import IGNORE_INDEX
-from common.flops import synchronize
-from kernels.bench_methods import GEMM_UNITS, Method, available_methods
+from qrpo.common.constants import IGNORE_INDEX
+from qrpo.common.flops import synchronize
+from qrpo.kernels.bench_methods import GEMM_UNITS, Method, available_methods
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""The methods `python -m kernels.bench` times: each maps (hidden, weight, targets, cu_seqlens) to
+"""The methods `python -m qrpo.kernels.bench` times: each maps (hidden, weight, targets, cu_seqlens) to
 (per-sequence log-probs or None, a scalar to backpropagate).
 
 - "triton", "torch", "naive" (+ "naive+compile"): `sequence_logprobs`, summed: two passes
@@ -28,11 +28,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from common.constants import IGNORE_INDEX
-from kernels.fused_head import fused_head_loss
-from kernels.logprobs_api import sequence_logprobs
-from kernels.qrpo_api import qrpo_loss
-from kernels.segments import segment_sum, sequence_ids
+from qrpo.common.constants import IGNORE_INDEX
+from qrpo.kernels.fused_head import fused_head_loss
+from qrpo.kernels.logprobs_api import sequence_logprobs
+from qrpo.kernels.qrpo_api import qrpo_loss
+from qrpo.kernels.segments import segment_sum, sequence_ids
 
 Method = Callable[[Tensor, Tensor, Tensor, Tensor], tuple[Tensor | None, Tensor]]
 
@@ -56,7 +56,7 @@ def _ours(backend: str) -> Method:
 
 def _triton_promoted() -> Method:
     """The Triton backend with the tile table's choice, but tensor-core partial sums promoted to
-    the fp32 accumulator every 2 BLOCK_D slices (kernels/logprobs_triton.py, Precision). The
+    the fp32 accumulator every 2 BLOCK_D slices (qrpo/kernels/logprobs_triton.py, Precision). The
     benchmark runs it, forward and backward, inside `method_context`."""
     run = _ours("triton")
     run.promote_every = 2
@@ -68,7 +68,7 @@ def method_context(method: Method, device: torch.device, dtype: torch.dtype, dim
     promote = getattr(method, "promote_every", None)
     if promote is None:
         return contextlib.nullcontext()
-    from kernels.tiles import current_config, use_config
+    from qrpo.kernels.tiles import current_config, use_config
 
     cfg = current_config(device, dtype, dim, vocab)
     return use_config(
@@ -77,7 +77,7 @@ def method_context(method: Method, device: torch.device, dtype: torch.dtype, dim
 
 
 def _naive_compiled() -> Method:
-    from kernels.reference import naive_sequence_logprobs
+    from qrpo.kernels.reference import naive_sequence_logprobs
 
     compiled = torch.compile(naive_sequence_logprobs, dynamic=False)
 

@@ -1,4 +1,4 @@
-"""The output of `python -m kernels.bench`: the table, the bar charts, the issue's goals and the
+"""The output of `python -m qrpo.kernels.bench`: the table, the bar charts, the issue's goals and the
 result files."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
-from kernels.bench_measure import Result
+from qrpo.kernels.bench_measure import Result
 
 
 def _fmt(x: float | None, spec: str) -> str:

@@ -1,5 +1,5 @@
-"""Checks shared by the public entry points (kernels/logprobs_api.py, kernels/qrpo_api.py,
-kernels/fused_head.py): which backend runs, and value checks grouped into one host transfer.
+"""Checks shared by the public entry points (qrpo/kernels/logprobs_api.py, qrpo/kernels/qrpo_api.py,
+qrpo/kernels/fused_head.py): which backend runs, and value checks grouped into one host transfer.
 
 Checks of tensor *values* need a device-to-host copy on CUDA, so each entry point gathers its
 value checks as boolean tensors and reads them all at once with `raise_first_failure`.

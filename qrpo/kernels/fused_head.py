@@ -20,7 +20,7 @@ sequences) and of constants. It may close over per-sequence tensors (rewards, re
 per-sample weights, a global normaliser). It is evaluated once per chunk on the full [S] vector
 whose not-yet-known entries are 0, and once at the end on the finished vector; only the chunk's
 entries receive a gradient. It must give the same value on every call (a loss that draws random
-numbers must draw the same ones each time, see train/fused.py).
+numbers must draw the same ones each time, see qrpo/train/fused.py).
 
 Memory: the [C, V] fp32 logits of a chunk (C*V <= MAX_LOGITS_ELEMENTS, 1 GiB on CUDA, stretched
 up to 2 GiB to keep the largest group whole), and an fp32 [V, D] dW accumulator (dW of
@@ -29,7 +29,7 @@ backward in the weight's dtype and scaled there by the upstream gradient (one mo
 half weights when that scale is not a power of two).
 
 Backends: "torch" (per chunk full-vocabulary logits in plain torch; the CPU reference) and
-"triton" (the kernels of kernels/logprobs_triton.py: the forward stores the fp32 logits tile as it
+"triton" (the kernels of qrpo/kernels/logprobs_triton.py: the forward stores the fp32 logits tile as it
 computes the log-sum-exp, the backward kernel reads them back, cuBLAS does dH and dW).
 """
 
@@ -41,10 +41,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from common.constants import IGNORE_INDEX
-from kernels.checks import resolve_backend
-from kernels.logprobs_api import check_logprob_args, sequence_logprobs
-from kernels.segments import accumulation_dtype, segment_sum, sequence_ids
+from qrpo.common.constants import IGNORE_INDEX
+from qrpo.kernels.checks import resolve_backend
+from qrpo.kernels.logprobs_api import check_logprob_args, sequence_logprobs
+from qrpo.kernels.segments import accumulation_dtype, segment_sum, sequence_ids
 
 LossFn = Callable[[Tensor], Tensor]
 
@@ -140,7 +140,7 @@ class TorchEngine:
 class TritonEngine:
     @staticmethod
     def forward(h, weight, bias, targets, temperature, softcap, store: bool):
-        from kernels.logprobs_triton import logprobs_forward
+        from qrpo.kernels.logprobs_triton import logprobs_forward
 
         z = None
         if store:
@@ -151,7 +151,7 @@ class TritonEngine:
     @staticmethod
     def backward(h, weight, bias, targets, lse, g_tok, temperature, softcap, *, dh_acc, dw_acc,
                  db_acc, z=None):  # fmt: skip
-        from kernels.logprobs_triton import head_backward
+        from qrpo.kernels.logprobs_triton import head_backward
 
         head_backward(
             h, weight, bias, targets, lse, g_tok.float(), temperature, softcap,

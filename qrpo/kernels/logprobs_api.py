@@ -1,10 +1,10 @@
 """Public entry point of per-sequence log-probs: argument checks, backend dispatch, module face.
 
 Backends:
-- "triton": fused Triton kernels (kernels/logprobs_triton.py; CUDA, or CPU through
+- "triton": fused Triton kernels (qrpo/kernels/logprobs_triton.py; CUDA, or CPU through
   TRITON_INTERPRET=1 for tests).
-- "torch":  chunked PyTorch with bounded memory (kernels/logprobs_torch.py; CPU path, fallback).
-- "naive":  full logits through plain autograd (kernels/reference.py; the reference in tests).
+- "torch":  chunked PyTorch with bounded memory (qrpo/kernels/logprobs_torch.py; CPU path, fallback).
+- "naive":  full logits through plain autograd (qrpo/kernels/reference.py; the reference in tests).
 - "auto":   triton when the tensors are on CUDA, torch otherwise.
 
 Host synchronisation: shape, dtype and device checks are free. Checks of tensor *values* need a
@@ -19,11 +19,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from common.constants import IGNORE_INDEX
-from kernels.checks import raise_first_failure, resolve_backend
-from kernels.logprobs_torch import chunked_sequence_logprobs
-from kernels.reference import naive_sequence_logprobs
-from kernels.segments import PackedTargets, sequence_ids
+from qrpo.common.constants import IGNORE_INDEX
+from qrpo.kernels.checks import raise_first_failure, resolve_backend
+from qrpo.kernels.logprobs_torch import chunked_sequence_logprobs
+from qrpo.kernels.reference import naive_sequence_logprobs
+from qrpo.kernels.segments import PackedTargets, sequence_ids
 
 LOGPROB_BACKENDS = ("auto", "triton", "torch", "naive")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -147,7 +147,7 @@ def sequence_logprobs(
     )
     if resolved == "torch":
         return chunked_sequence_logprobs(hidden, weight, bias, packed)
-    from kernels.logprobs_triton import triton_sequence_logprobs  # triton imported lazily
+    from qrpo.kernels.logprobs_triton import triton_sequence_logprobs  # triton imported lazily
 
     return triton_sequence_logprobs(hidden, weight, bias, packed)
 

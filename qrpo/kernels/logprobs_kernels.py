@@ -1,4 +1,4 @@
-"""Triton kernels of the per-sequence log-probs (launched from kernels/logprobs_triton.py, whose
+"""Triton kernels of the per-sequence log-probs (launched from qrpo/kernels/logprobs_triton.py, whose
 docstring explains the schedule, the memory bounds and the precision choices).
 
 Pointers and constexprs are listed in each kernel's signature comments. Offsets are int64 (N*V
@@ -80,7 +80,7 @@ def _logits_tile(
 
     PROMOTE == 1: every BLOCK_D slice chained in one tensor-core accumulator. PROMOTE > 1: each
     group of PROMOTE slices is summed in its own accumulator, then added to `acc` with
-    round-to-nearest fp32 adds (kernels/logprobs_triton.py, Precision)."""
+    round-to-nearest fp32 adds (qrpo/kernels/logprobs_triton.py, Precision)."""
     acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
     if PROMOTE == 1:
         for d0 in range(0, D, BLOCK_D):

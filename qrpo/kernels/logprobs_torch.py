@@ -1,9 +1,9 @@
 """Per-sequence log-probs in chunked PyTorch: the CPU path and the CUDA fallback.
 
-Computes the same quantity as the naive reference (kernels/reference.py) but never holds more
+Computes the same quantity as the naive reference (qrpo/kernels/reference.py) but never holds more
 than one [C, V_slice] tile of logits: forward keeps only the per-token log-sum-exp, backward
 recomputes the logits chunk by chunk and accumulates dW (and db) in fp32. Its chunk sizes are
-`ChunkConfig` in kernels/tiles.py.
+`ChunkConfig` in qrpo/kernels/tiles.py.
 """
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from common.constants import IGNORE_INDEX
-from kernels.segments import PackedTargets, accumulation_dtype, segment_sum
-from kernels.tiles import chunk_config
+from qrpo.common.constants import IGNORE_INDEX
+from qrpo.kernels.segments import PackedTargets, accumulation_dtype, segment_sum
+from qrpo.kernels.tiles import chunk_config
 
 
 def _slice_logits(h: Tensor, w: Tensor, b: Tensor | None, scale: float) -> Tensor:

@@ -4,7 +4,7 @@ Forward: one program per (token block, vocab split). It walks its vocab tiles, c
 [BLOCK_N, BLOCK_V] logits tile with tl.dot over BLOCK_D slices into an fp32 accumulator, and keeps
 an online max / sum-exp and the target logit, all in fp32. Splits (partial max, sum-exp, target
 logit per token) are merged in torch: O(splits * N) work. With STORE_Z (the fused head+loss pass,
-kernels/fused_head.py) the fp32 logits tile is also written to a [C, V] buffer.
+qrpo/kernels/fused_head.py) the fp32 logits tile is also written to a [C, V] buffer.
 
 Backward, vocabulary slices outermost: for each slice of Vs vocabulary rows, and each token chunk
 of C rows (C = N when N*Vs fits the workspace, the usual case), a kernel recomputes the logits
@@ -31,8 +31,8 @@ Precision:
   adds (the promotion DeepSeek-V3 uses for FP8, arXiv 2412.19437 section 3.3.2). A single-slice
   partial would be folded back by Triton (`acc + dot(a, b)` becomes `dot(a, b, acc)`), so a
   promoted partial spans >= 2 slices. It costs a second fp32 tile accumulator in registers, so
-  the tile table decides per configuration (kernels/tiles.py); the benchmark measures both.
-- The per-sequence sum of token log-probs is taken in float64 (kernels.segments.segment_sum):
+  the tile table decides per configuration (qrpo/kernels/tiles.py); the benchmark measures both.
+- The per-sequence sum of token log-probs is taken in float64 (qrpo.kernels.segments.segment_sum):
   in fp32, adding ~1000 terms of ~-14 to a running total of ~-12,000 (ulp 1e-3) costs ~0.01 nats.
 - Under the CPU interpreter (TRITON_INTERPRET=1) tl.dot on bf16/fp16 is computed wrongly by
   Triton 3.9, so operands are upcast to fp32 in the kernel there (UPCAST).
@@ -44,10 +44,10 @@ import torch
 import triton
 from torch import Tensor
 
-from common.constants import IGNORE_INDEX
-from kernels.logprobs_kernels import _logprobs_bwd_kernel, _logprobs_fwd_kernel
-from kernels.segments import PackedTargets, segment_sum
-from kernels.tiles import (  # noqa: F401  (re-exported: tests and benchmarks import them here)
+from qrpo.common.constants import IGNORE_INDEX
+from qrpo.kernels.logprobs_kernels import _logprobs_bwd_kernel, _logprobs_fwd_kernel
+from qrpo.kernels.segments import PackedTargets, segment_sum
+from qrpo.kernels.tiles import (  # noqa: F401  (re-exported: tests and benchmarks import them here)
     INTERPRETER_CONFIG,
     TritonConfig,
     current_config,

@@ -6,7 +6,7 @@ docs/partition.md derives the three forms offered here; in short, with K the num
 reference rewards of a row (after ref_mask and exclude_index):
 
 - closed_form: q_hat ~ Uniform(0, 1), the K -> infinity limit: Z_f(beta) = int_0^1 exp(f(q)/beta) dq
-  (kernels.qrpo.log_partition; the paper's Table 4).
+  (qrpo.kernels.qrpo.log_partition; the paper's Table 4).
 - finite_k: a completion exchangeable with the K reference rewards (continuous rewards, or ties
   broken at random) has its rank uniform on {0, ..., K}, so q_hat is uniform on the grid j/K:
       Z_K(beta) = 1/(K+1) * sum_{j=0}^{K} exp(f(j/K) / beta)
@@ -31,7 +31,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from kernels.qrpo import apply_transform, log_partition, reference_validity
+from qrpo.kernels.qrpo import apply_transform, log_partition, reference_validity
 
 PARTITIONS = ("closed_form", "finite_k", "empirical")
 EMPIRICAL_ESTIMATORS = ("inclusive", "midrank")
@@ -43,7 +43,7 @@ def log_partition_finite_k(
     """log Z_K(beta) = log(1/(K+1) sum_{j=0}^{K} exp(f(j/K)/beta)) per row, in float64.
 
     Args:
-        transform: one of kernels.qrpo.TRANSFORMS.
+        transform: one of qrpo.kernels.qrpo.TRANSFORMS.
         beta: [B] float64.
         k_valid: [B] number of valid reference rewards of each row (K; float or int).
         k_max: a static upper bound on K (the width of ref_rewards), so no host sync is needed.

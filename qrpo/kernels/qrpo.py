@@ -9,7 +9,7 @@ from the quantile of the completion's reward among K reference rewards of the sa
 
 Under pi_ref the true quantile is Uniform(0, 1), so Z_f(beta) = int_0^1 exp(f(q)/beta) dq is known
 in closed form for every transform f below (paper, Table 4). The estimated quantile is not uniform
-at finite K or under ties; kernels/partition.py holds the forms of log Z for that case
+at finite K or under ties; qrpo/kernels/partition.py holds the forms of log Z for that case
 (docs/partition.md). All of that is computed here in float64: it is O(B * K) work, and float64
 keeps log Z exact at beta = 3e-4 where 1/beta = 3333.
 """
@@ -205,7 +205,7 @@ def qrpo_loss_torch(
 ) -> tuple[Tensor, QRPOStats]:
     """Per-sample QRPO loss [B] (float32) and its stats; inputs already validated by the API.
 
-    `beta` and `beta_logz` (beta * log Z of each row, from kernels.partition.row_log_partition)
+    `beta` and `beta_logz` (beta * log Z of each row, from qrpo.kernels.partition.row_log_partition)
     are float64 [B] tensors. Everything runs in float64 through plain autograd; only `logps`
     carries gradient (d loss / d logps = dloss/dresidual * -beta): log Z is a constant of the
     regression whichever form computed it.

@@ -1,6 +1,6 @@
 """Public entry point of the QRPO loss: argument checks, backend dispatch, module face.
 
-Backends: "triton" (the fused kernel, kernels/qrpo_triton.py), "torch" (kernels/qrpo.py, also the
+Backends: "triton" (the fused kernel, qrpo/kernels/qrpo_triton.py), "torch" (qrpo/kernels/qrpo.py, also the
 reference of the kernel) and "auto" (triton on CUDA, torch otherwise).
 
 Host synchronisation: NaN rewards, rows without valid reference rewards (or fewer than 3 for the
@@ -13,9 +13,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from kernels.checks import raise_first_failure, resolve_backend
-from kernels.partition import EMPIRICAL_ESTIMATORS, PARTITIONS, row_log_partition
-from kernels.qrpo import (
+from qrpo.kernels.checks import raise_first_failure, resolve_backend
+from qrpo.kernels.partition import EMPIRICAL_ESTIMATORS, PARTITIONS, row_log_partition
+from qrpo.kernels.qrpo import (
     ESTIMATORS,
     LOSS_TYPES,
     TRANSFORMS,
@@ -252,7 +252,7 @@ def qrpo_loss(
         )
         return (loss, stats) if return_stats else loss
 
-    from kernels.qrpo_triton import QRPOBatch, TritonQRPOLoss  # triton imported lazily
+    from qrpo.kernels.qrpo_triton import QRPOBatch, TritonQRPOLoss  # triton imported lazily
 
     batch = QRPOBatch(
         ref_logps=ref_logps.detach(),

@@ -5,7 +5,7 @@ One program handles BLOCK_B rows and walks their K reference rewards in BLOCK_K 
 the loss. Memory traffic is one read of ref_rewards (B*K values); nothing [B, K]-sized is written.
 
 Decisions:
-- beta * log Z is passed in per sample, computed by `kernels.partition.row_log_partition` in
+- beta * log Z is passed in per sample, computed by `qrpo.kernels.partition.row_log_partition` in
   float64 torch ops on the device (no sync), so both backends use the very same value for every
   partition form. The closed forms are O(B) work, the finite-K grid O(B * K) and the empirical
   form a sort per row; the `square` transform needs a 96-node quadrature; all are simpler and
@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels.qrpo import ESTIMATORS, TRANSFORMS
+from qrpo.kernels.qrpo import ESTIMATORS, TRANSFORMS
 
 # Acklam's rational approximation of the inverse normal CDF. Triton jit code cannot read
 # non-constexpr module globals, so the published coefficients are written inline: central
@@ -95,7 +95,7 @@ def _qrpo_fwd_kernel(
     HAS_MASK: tl.constexpr,
     HAS_EXCLUDE: tl.constexpr,
     ESTIMATOR: tl.constexpr,  # 0 inclusive, 1 midrank, 2 randomized
-    TRANSFORM: tl.constexpr,  # index into kernels.qrpo.TRANSFORMS
+    TRANSFORM: tl.constexpr,  # index into qrpo.kernels.qrpo.TRANSFORMS
     SQUARED: tl.constexpr,
     BLOCK_B: tl.constexpr,
     BLOCK_K: tl.constexpr,

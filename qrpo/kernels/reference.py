@@ -4,7 +4,7 @@
     z_t     = softcap * tanh(((h_t W^T + b) / temperature) / softcap)     (softcap optional)
 
 The tests run it on float64 inputs as the reference of the torch and Triton backends; it is also
-the "naive" backend of `sequence_logprobs` and the baseline of `python -m kernels.bench`.
+the "naive" backend of `sequence_logprobs` and the baseline of `python -m qrpo.kernels.bench`.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from common.constants import IGNORE_INDEX
-from kernels.segments import accumulation_dtype, segment_sum, sequence_ids
+from qrpo.common.constants import IGNORE_INDEX
+from qrpo.kernels.segments import accumulation_dtype, segment_sum, sequence_ids
 
 
 def naive_sequence_logprobs(

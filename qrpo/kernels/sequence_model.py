@@ -5,7 +5,7 @@ head weight in tiles, so the [tokens x vocab] logits never exist. Everything hap
 `SequenceLogprobModel.forward()`, which is what DDP and FSDP2 wrap: under FSDP2 the head weight is
 gathered for this forward like any other parameter (a call outside forward would see a sharded
 DTensor beside plain tensors). The packed row's boundaries reach the attention path chosen at load
-time (common/attention.py), so attention costs the sequences' squares, not the row's.
+time (qrpo/common/attention.py), so attention costs the sequences' squares, not the row's.
 
 Training, reference log-probs (generate) and evaluation all score through this module and
 `sequence_logps`, with the same precision policy (`autocast`), so a precomputed reference equals
@@ -19,12 +19,12 @@ from contextlib import AbstractContextManager, nullcontext
 import torch
 from torch import nn
 
-import kernels
-from common.attention import packing_kwargs
-from common.packing import Example, collate, pack
+from qrpo import kernels
+from qrpo.common.attention import packing_kwargs
+from qrpo.common.packing import Example, collate, pack
 
 # The autocast dtype of each `run.mixed_precision` / `ref_logps.mixed_precision` value
-# (common.model.MIXED_PRECISIONS).
+# (qrpo.common.model.MIXED_PRECISIONS).
 _COMPUTE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -64,7 +64,7 @@ class SequenceLogprobModel(nn.Module):
         whose next token counts (completion tokens), `score_targets` those tokens, and
         `score_cu_seqlens` the sequence boundaries among them; `cu_seqlens` and `max_seqlen`
         are the sequences' boundaries in the row, for varlen attention (see
-        common.packing.collate). With `fused` (loss_fn, group_size, host_cu_seqlens) it returns
+        qrpo.common.packing.collate). With `fused` (loss_fn, group_size, host_cu_seqlens) it returns
         (loss, detached log-probs) of the fused head+loss pass instead; it goes through
         forward() so that DDP and FSDP2 see the call."""
         packing = packing_kwargs(self.model.config._attn_implementation, cu_seqlens, max_seqlen)

@@ -4,7 +4,7 @@ capability and dtype; for the chunked torch backend `ChunkConfig` (at the end).
 Choosing a configuration is a dictionary lookup (no autotune on first use, so the first training
 step is not slowed and nothing is clobbered by trial launches). The table holds what was measured;
 everything else falls back to the generic row, and `use_config` overrides the choice (tests,
-benchmarks, sweeps). `python -m kernels.bench` prints the configuration each call used.
+benchmarks, sweeps). `python -m qrpo.kernels.bench` prints the configuration each call used.
 
 Measured rows (source named in each row's `source`):
 - sm90 (H100/H200), bf16/fp16 operands, D >= 2048 and V >= 32768: (block_n, block_v, block_d,
@@ -16,7 +16,7 @@ Measured rows (source named in each row's `source`):
   = 48 KiB, 3 stages = 144 KiB of the 228 KiB an sm90 SM has.
   The row keeps promote_every = 1 (all BLOCK_D slices chained in the tensor-core accumulator, as
   swept): promoting needs a second 128x256 fp32 accumulator, another 128 registers per thread
-  at 8 warps, which would spill. `python -m kernels.bench` times "triton+promote" (the same
+  at 8 warps, which would spill. `python -m qrpo.kernels.bench` times "triton+promote" (the same
   tiles with promote_every = 2) beside it, so one run shows what promotion costs and what error
   it removes.
 - Everything else (other GPUs, fp32 operands, small heads): the previous default (64, 128, 64, 8,
@@ -151,7 +151,7 @@ def describe(config: TritonConfig) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# The chunked torch backend (kernels/logprobs_torch.py)
+# The chunked torch backend (qrpo/kernels/logprobs_torch.py)
 # ---------------------------------------------------------------------------------------------
 
 

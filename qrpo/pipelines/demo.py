@@ -1,8 +1,8 @@
 """The main job on the embedded default: SFT a reference, sample and score it, train QRPO and DPO
 from it, and compare all three on held-out prompts. About two minutes on two CPU cores.
 
-    python -m pipelines.demo                     # everything under runs/demo
-    python -m pipelines.demo out=runs/demo2 k=16 qrpo_beta=0.1
+    python -m qrpo.pipelines.demo                     # everything under runs/demo
+    python -m qrpo.pipelines.demo out=runs/demo2 k=16 qrpo_beta=0.1
 """
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.config import build_config, doc, parse_config
-from train.config import TrainConfig
-from train.train import train
+from qrpo.common.config import build_config, doc, parse_config
+from qrpo.train.config import TrainConfig
+from qrpo.train.train import train
 
 
 @dataclass
@@ -37,10 +37,10 @@ def _step(title: str) -> float:
 
 
 def run(cfg: DemoConfig) -> dict:
-    from common.tiny import write_task_data
-    from evaluate.__main__ import EvalConfig, evaluate
-    from generate.config import PipelineConfig
-    from generate.pipeline import run_pipeline
+    from qrpo.common.tiny import write_task_data
+    from qrpo.evaluate.__main__ import EvalConfig, evaluate
+    from qrpo.generate.config import PipelineConfig
+    from qrpo.generate.pipeline import run_pipeline
 
     out = Path(cfg.out)
     data = out / "data"
@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> None:
         parse_config(
             DemoConfig,
             argv,
-            prog="python -m pipelines.demo",
+            prog="python -m qrpo.pipelines.demo",
             description="SFT -> sample -> QRPO and DPO -> compare, on the tiny task.",
         )
     )

@@ -1,12 +1,12 @@
 """Reward-KL frontiers: every algorithm trained over a grid of beta, for several seeds, each run
 evaluated on held-out prompts against the same reference samples.
 
-    python -m pipelines.frontier                                  # the embedded default, CPU
-    python -m pipelines.frontier seeds=[0] only=[qrpo_identity,dpo] out=runs/frontier_small
-    python -m pipelines.frontier --config configs/frontier/qrpo_k.yaml   # curves from a YAML
-    python -m pipelines.frontier slurm=true slurm_args=[partition=cpu,gpus_per_node=0,time=30]
+    python -m qrpo.pipelines.frontier                                  # the embedded default, CPU
+    python -m qrpo.pipelines.frontier seeds=[0] only=[qrpo_identity,dpo] out=runs/frontier_small
+    python -m qrpo.pipelines.frontier --config configs/frontier/qrpo_k.yaml   # curves from a YAML
+    python -m qrpo.pipelines.frontier slurm=true slurm_args=[partition=cpu,gpus_per_node=0,time=30]
 
-Per seed it writes the task data, SFTs the reference (the demo's recipe, pipelines/demo.py) and runs
+Per seed it writes the task data, SFTs the reference (the demo's recipe, qrpo/pipelines/demo.py) and runs
 the generate pipeline once per K (reference samples per training prompt): pointwise rows for
 QRPO, best/worst pairs for DPO, SimPO, REBEL and KTO. Every run of that seed starts from that
 reference and trains on that data. A curve is a name, a training config, a list of overrides, a
@@ -20,7 +20,7 @@ once. SimPO has no reference term, so its beta does not bound the KL: its points
 SimPO lands at this budget, not a trade-off it controls.
 
 Evaluation: per seed, the reference and every run not yet evaluated go through one call of
-`evaluate.evaluate` (same held-out prompts, same per-prompt sampling seeds), so the reference is
+`qrpo.evaluate.evaluate` (same held-out prompts, same per-prompt sampling seeds), so the reference is
 sampled once per seed; the SHA-256 of its samples is kept in SEED_DIR/reference_samples.json
 and in every run's frontier_eval.json, and a later call whose reference samples differ is an
 error. KL is k3 (non-negative per sample) from each run's own samples, LC reward is the
@@ -32,7 +32,7 @@ per algorithm, error bars over seeds), seedS/ (data, sft, kK/ reference data, CU
 
 Resumable: a run whose final/ and frontier_eval.json exist is skipped; the data, SFT and
 generate steps skip what they find done. With `slurm=true` the runs left to train are submitted
-as one job array through slurm.train (its `cluster=local|debug` run on this machine), and the
+as one job array through qrpo.slurm.train (its `cluster=local|debug` run on this machine), and the
 evaluation follows here when they end; the per-seed data, SFT and evaluation still run in this
 process (small on the embedded task; a large model wants them as jobs of their own).
 """
@@ -45,9 +45,9 @@ import time
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
-from common.config import ConfigError, build_config, doc, parse_config
-from evaluate.frontier_report import reference_samples_hash, write_report
-from kernels.partition import PARTITIONS
+from qrpo.common.config import ConfigError, build_config, doc, parse_config
+from qrpo.evaluate.frontier_report import reference_samples_hash, write_report
+from qrpo.kernels.partition import PARTITIONS
 
 QRPO_TINY = "configs/train/qrpo_tiny.yaml"
 PAIRS_TINY = "configs/train/dpo_tiny.yaml"
@@ -136,8 +136,10 @@ class FrontierConfig:
     )
     train_overrides: list = doc(["run.plot=false"], "overrides of every run, before the curve's")
     threads: int = doc(1, "torch CPU threads of this process (0: torch's default)")
-    slurm: bool = doc(False, "train the runs as one SLURM job array (slurm.train), then evaluate")
-    slurm_config: str = doc("", "SLURM profile YAML (as slurm.train's --slurm-config)")
+    slurm: bool = doc(
+        False, "train the runs as one SLURM job array (qrpo.slurm.train), then evaluate"
+    )
+    slurm_config: str = doc("", "SLURM profile YAML (as qrpo.slurm.train's --slurm-config)")
     slurm_args: list = doc([], "SLURM keys, e.g. [partition=cpu,gpus_per_node=0,time=30]")
 
     def __post_init__(self):
@@ -156,7 +158,7 @@ class FrontierConfig:
     def active_curves(self) -> list[CurveConfig]:
         curves = list(self.curves)
         if self.partition_curves:
-            from train.config import LossConfig
+            from qrpo.train.config import LossConfig
 
             if "partition" not in {f.name for f in fields(LossConfig)}:
                 raise ConfigError(
@@ -207,11 +209,11 @@ def _log(msg: str) -> None:
 def prepare_seed(cfg: FrontierConfig, seed: int, needs: dict[int, set[str]]) -> dict:
     """Task data, the SFT reference and, for each K, the reference data the curves need (K ->
     pointwise and/or pairs), once per seed; what is already there is kept."""
-    from common.tiny import write_task_data
-    from generate.config import PipelineConfig
-    from generate.pipeline import run_pipeline
-    from train.config import TrainConfig
-    from train.train import train
+    from qrpo.common.tiny import write_task_data
+    from qrpo.generate.config import PipelineConfig
+    from qrpo.generate.pipeline import run_pipeline
+    from qrpo.train.config import TrainConfig
+    from qrpo.train.train import train
 
     root = Path(cfg.out) / f"seed{seed}"
     files = write_task_data(
@@ -275,7 +277,7 @@ def plan(cfg: FrontierConfig, curves: list[CurveConfig]) -> list[RunSpec]:
 
 def train_config(cfg: FrontierConfig, spec: RunSpec, inputs: dict):
     """The run's TrainConfig: the curve's config, the seed's reference and data, its beta."""
-    from train.config import TrainConfig
+    from qrpo.train.config import TrainConfig
 
     batch = [f"run.global_batch={cfg.global_batch}"] if cfg.global_batch else []
     overrides = [
@@ -300,7 +302,7 @@ def train_config(cfg: FrontierConfig, spec: RunSpec, inputs: dict):
 
 
 def train_local(cfg: FrontierConfig, todo: list[RunSpec], inputs: dict[int, dict]) -> None:
-    from train.train import train
+    from qrpo.train.train import train
 
     for i, spec in enumerate(todo):
         _log(f"[{i + 1}/{len(todo)}] seed {spec.seed} {spec.name}: training")
@@ -310,9 +312,9 @@ def train_local(cfg: FrontierConfig, todo: list[RunSpec], inputs: dict[int, dict
 
 
 def train_slurm(cfg: FrontierConfig, todo: list[RunSpec], inputs: dict[int, dict]) -> bool:
-    """One job array through slurm.train; False for a dry run (nothing to evaluate)."""
-    from slurm.config import SlurmConfig
-    from slurm.train import Run, check_runs, submit_runs
+    """One job array through qrpo.slurm.train; False for a dry run (nothing to evaluate)."""
+    from qrpo.slurm.config import SlurmConfig
+    from qrpo.slurm.train import Run, check_runs, submit_runs
 
     scfg = build_config(SlurmConfig, cfg.slurm_config or None, [*cfg.slurm_args, "wait=true"])
     runs = [Run(f"seed{s.seed}/{s.name}", train_config(cfg, s, inputs[s.seed])) for s in todo]
@@ -334,7 +336,7 @@ def train_slurm(cfg: FrontierConfig, todo: list[RunSpec], inputs: dict[int, dict
 
 def evaluate_seed(cfg: FrontierConfig, seed: int, specs: list[RunSpec], inputs: dict) -> None:
     """One evaluate call: the seed's reference, then every run of `specs`."""
-    from evaluate.evaluate import EvalConfig, evaluate
+    from qrpo.evaluate.evaluate import EvalConfig, evaluate
 
     root = Path(cfg.out) / f"seed{seed}"
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -431,13 +433,13 @@ def main(argv: list[str] | None = None) -> None:
     cfg = parse_config(
         FrontierConfig,
         argv,
-        prog="python -m pipelines.frontier",
+        prog="python -m qrpo.pipelines.frontier",
         description="Reward-KL frontiers: each algorithm over a grid of beta, several seeds.",
     )
     try:
         run(cfg)
     except ConfigError as err:
-        print(f"python -m pipelines.frontier: error: {err}", file=sys.stderr)
+        print(f"python -m qrpo.pipelines.frontier: error: {err}", file=sys.stderr)
         sys.exit(2)
 
 

@@ -1,11 +1,11 @@
 """The launcher's configuration: the SLURM fields, the command-line grammar, pre-submission checks.
 
-    python -m slurm.train --config TRAIN.yaml [train.key=value ...] [SLURM key=value ...]
+    python -m qrpo.slurm.train --config TRAIN.yaml [train.key=value ...] [SLURM key=value ...]
                           [sweep.train.key=[v1,v2,...] ...] [--dry-run]
 
 Every `key=value` whose first part names a field of `SlurmConfig` (nodes, partition, time, ...)
 goes to the launcher; `sweep.KEY=[...]` adds an axis of a grid; everything else is a training
-override, checked against the training config tree exactly as `python -m train` would.
+override, checked against the training config tree exactly as `python -m qrpo.train` would.
 Problems are found here, before anything is submitted: an unknown partition, more nodes than it
 has, a training config or data file that does not exist on this filesystem.
 """
@@ -25,9 +25,9 @@ from typing import Any
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from common.config import ConfigError, build_config, choice, config_help, doc
+from qrpo.common.config import ConfigError, build_config, choice, config_help, doc
+from qrpo.common.constants import SOURCE_ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 CLUSTERS = ("slurm", "local", "debug")
 
 
@@ -296,7 +296,7 @@ def check_accelerate_config(cfg: SlurmConfig) -> str:
     """The accelerate config of GPU runs, as an absolute path ('' on CPU-only nodes)."""
     if not cfg.gpus_per_node:
         return ""
-    for base in (Path.cwd(), ROOT):
+    for base in (Path.cwd(), SOURCE_ROOT):
         path = (base / cfg.accelerate_config).resolve()
         if path.is_file():
             return str(path)

@@ -1,18 +1,18 @@
-"""`python -m slurm.generate`: the generation pipeline as a job array over shards, then a merge.
+"""`python -m qrpo.slurm.generate`: the generation pipeline as a job array over shards, then a merge.
 
-    python -m slurm.generate --config gen.yaml num_shards=64 gpus_per_node=1 partition=gpu \
+    python -m qrpo.slurm.generate --config gen.yaml num_shards=64 gpus_per_node=1 partition=gpu \
         time=4:00:00 cpus_per_task=8
-    python -m slurm.generate --config gen.yaml num_shards=4 steps=[reward] --dry-run
-    python -m slurm.generate --config gen.yaml num_shards=2 cluster=local gpus_per_node=0
+    python -m qrpo.slurm.generate --config gen.yaml num_shards=4 steps=[reward] --dry-run
+    python -m qrpo.slurm.generate --config gen.yaml num_shards=2 cluster=local gpus_per_node=0
 
-Array task i runs `python -m generate.pipeline --config OUT/slurm/generate.yaml shard=i
+Array task i runs `python -m qrpo.generate.pipeline --config OUT/slurm/generate.yaml shard=i
 num_shards=N` over the config's steps less `merge`; a job that depends on the whole array
-(`afterok`) then runs `python -m generate.merge --config OUT/slurm/generate.yaml`, which checks
+(`afterok`) then runs `python -m qrpo.generate.merge --config OUT/slurm/generate.yaml`, which checks
 that every shard is complete and writes the one output file. A shard that is preempted or hits
 its time limit is requeued and resumes at its first missing chunk (chunks are atomic). Without
 SLURM (`cluster=local|debug`) the shards run here and the merge follows once they are done.
 
-Keys other than the SLURM ones are the pipeline's (`python -m generate.pipeline --help`).
+Keys other than the SLURM ones are the pipeline's (`python -m qrpo.generate.pipeline --help`).
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ import os
 import sys
 from pathlib import Path
 
-from common.config import ConfigError, config_help, save_config
-from slurm.config import (
+from qrpo.common.config import ConfigError, config_help, save_config
+from qrpo.slurm.config import (
     LaunchArgs,
     check_cluster,
     check_path,
@@ -31,7 +31,7 @@ from slurm.config import (
     parse_launch_args,
     task_config,
 )
-from slurm.job import CommandJob, make_executor, sbatch_script, wait
+from qrpo.slurm.job import CommandJob, make_executor, sbatch_script, wait
 
 
 class GenerateJob(CommandJob):
@@ -52,7 +52,7 @@ class GenerateJob(CommandJob):
 def plan(args: LaunchArgs):
     """The resolved pipeline config (checked) and the steps each shard runs."""
     try:
-        from generate.config import PipelineConfig
+        from qrpo.generate.config import PipelineConfig
     except ImportError as err:
         raise ConfigError(f"the generation pipeline is not importable here: {err}") from None
 
@@ -91,7 +91,7 @@ def submit(args: LaunchArgs) -> list:
     base = ["--config", str(yaml_path)]
     shards = [
         GenerateJob(
-            ["-m", "generate.pipeline", *base, f"shard={i}", override("steps", steps)],
+            ["-m", "qrpo.generate.pipeline", *base, f"shard={i}", override("steps", steps)],
             str(out),
             cwd,
             env,
@@ -99,7 +99,7 @@ def submit(args: LaunchArgs) -> list:
         )
         for i in range(n)
     ]
-    merge = GenerateJob(["-m", "generate.merge", *base], str(out), cwd, env, grace)
+    merge = GenerateJob(["-m", "qrpo.generate.merge", *base], str(out), cwd, env, grace)
     print(
         f"plan: {n} shard(s) of steps {steps} ({cfg_slurm.gpus_per_node} GPU(s) each), then a "
         f"merge; cluster={cfg_slurm.cluster}, time={cfg_slurm.time}, output in {out}"
@@ -145,15 +145,15 @@ def submit(args: LaunchArgs) -> list:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from generate.config import PipelineConfig
+    from qrpo.generate.config import PipelineConfig
 
     args = parse_launch_args(
         argv,
-        prog="python -m slurm.generate",
+        prog="python -m qrpo.slurm.generate",
         description="Submit the generation pipeline as a job array over shards, then a merge. "
         "Each shard gets one GPU unless gpus_per_node says otherwise.",
         task_help=[
-            "[pipeline]  as for python -m generate.pipeline",
+            "[pipeline]  as for python -m qrpo.generate.pipeline",
             *config_help(PipelineConfig),
         ],
         sweep=False,
@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         submit(args)
     except ConfigError as err:
-        print(f"python -m slurm.generate: error: {err}", file=sys.stderr)
+        print(f"python -m qrpo.slurm.generate: error: {err}", file=sys.stderr)
         sys.exit(2)
 
 

@@ -1,6 +1,6 @@
 """A submitit job that runs one command per node and survives preemption and time limits.
 
-Each task (one per node) starts its command (e.g. `accelerate launch ... -m train ...`) as a
+Each task (one per node) starts its command (e.g. `accelerate launch ... -m qrpo.train ...`) as a
 child process tree and waits for it. submitit installs a handler for its preemption signal
 (SIGUSR2 by default, `signal_delay_s` before the time limit, or `scancel --signal=USR2 JOBID`);
 this class wraps that handler so that, on every node where the signal lands:
@@ -34,9 +34,10 @@ from pathlib import Path
 import submitit
 from submitit.helpers import Checkpointable, DelayedSubmission
 
-from slurm.config import ROOT, SlurmConfig, time_minutes
+from qrpo.common.constants import SOURCE_ROOT
+from qrpo.slurm.config import SlurmConfig, time_minutes
 
-EXIT_PREEMPTED = 75  # train.preemption.EXIT_PREEMPTED (not imported: that pulls in torch)
+EXIT_PREEMPTED = 75  # qrpo.train.preemption.EXIT_PREEMPTED (not imported: that pulls in torch)
 
 
 class JobFailed(RuntimeError):
@@ -97,7 +98,9 @@ class CommandJob(Checkpointable):
         cmd = self.command(env)
         restarts = os.environ.get("SLURM_RESTART_COUNT", "0")
         print(f"[slurm] {env} restarts={restarts}\n[slurm] {shlex.join(cmd)}", flush=True)
-        pythonpath = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+        pythonpath = os.pathsep.join(
+            p for p in (str(SOURCE_ROOT), os.environ.get("PYTHONPATH")) if p
+        )
         self._proc = subprocess.Popen(
             cmd,
             cwd=self.cwd,
@@ -272,7 +275,7 @@ def make_executor(cfg: SlurmConfig, folder: Path, job_name: str):
 def job_setup(cfg: SlurmConfig) -> list[str]:
     """Shell lines before the job: the project importable (the job unpickles its classes), then
     the user's own."""
-    pythonpath = f"export PYTHONPATH={shlex.quote(str(ROOT))}${{PYTHONPATH:+:$PYTHONPATH}}"
+    pythonpath = f"export PYTHONPATH={shlex.quote(str(SOURCE_ROOT))}${{PYTHONPATH:+:$PYTHONPATH}}"
     return [pythonpath, *cfg.setup]
 
 

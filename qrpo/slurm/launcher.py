@@ -1,4 +1,4 @@
-"""`python -m slurm.launcher ARGS`: `accelerate launch ARGS` that outlives the preemption signal.
+"""`python -m qrpo.slurm.launcher ARGS`: `accelerate launch ARGS` that outlives the preemption signal.
 
 SLURM delivers the preemption signal (SIGUSR2) to every process of a job step, and the node's
 task forwards it to its whole child tree. The training processes turn it into a checkpoint; the

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import itertools
 
-from slurm.config import override
+from qrpo.slurm.config import override
 
 
 def _fmt(value) -> str:

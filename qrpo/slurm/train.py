@@ -1,22 +1,22 @@
-"""`python -m slurm.train`: the training loop on N nodes through submitit, with requeue.
+"""`python -m qrpo.slurm.train`: the training loop on N nodes through submitit, with requeue.
 
-    python -m slurm.train --config configs/train/qrpo_gpu.yaml nodes=4 gpus_per_node=8 \
+    python -m qrpo.slurm.train --config configs/train/qrpo_gpu.yaml nodes=4 gpus_per_node=8 \
         partition=gpu time=24:00:00 cpus_per_task=64 run.run_dir=runs/qrpo_8b
-    python -m slurm.train --config configs/train/qrpo_gpu.yaml nodes=2 \
+    python -m qrpo.slurm.train --config configs/train/qrpo_gpu.yaml nodes=2 \
         sweep.loss.beta=[3e-3,1e-2] sweep.optim.lr=[5e-7,1e-6] --dry-run     # a 2x2 grid
-    python -m slurm.train --config configs/train/qrpo_tiny.yaml cluster=local gpus_per_node=0
+    python -m qrpo.slurm.train --config configs/train/qrpo_tiny.yaml cluster=local gpus_per_node=0
 
 One task per node runs `accelerate launch` with the node's rank (SLURM_NODEID), the first node of
 the allocation as rendezvous host and a port derived from the job id; on GPUs with the accelerate
 config of the run (FSDP2 multi-node by default), on CPU-only nodes with `--multi_gpu` (gloo). A
-single process in all runs `python -m train` directly. The training config is resolved and
+single process in all runs `python -m qrpo.train` directly. The training config is resolved and
 checked here, written to RUN_DIR/slurm/train.yaml, and every (re)start of the job runs exactly
-`python -m train --config RUN_DIR/slurm/train.yaml`, so a requeued job resumes from
+`python -m qrpo.train --config RUN_DIR/slurm/train.yaml`, so a requeued job resumes from
 RUN_DIR/checkpoints/. submitit's files and the per-node logs are in RUN_DIR/slurm/ (a sweep's in
 BASE/slurm/, its runs in BASE/<point>/; on SLURM one job array, with cluster=local one
 background job per point, all at once).
 
-Preemption and time limits: see `slurm/job.py`. SIGUSR2 (`signal_delay_s` before the time limit,
+Preemption and time limits: see `qrpo/slurm/job.py`. SIGUSR2 (`signal_delay_s` before the time limit,
 or `scancel --signal=USR2 JOBID`) -> the loop saves a checkpoint at the next step and exits 75 ->
 the job is requeued -> the rerun resumes. Nothing since the last step is lost.
 """
@@ -28,8 +28,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.config import ConfigError, config_help, save_config, to_yaml
-from slurm.config import (
+from qrpo.common.config import ConfigError, config_help, save_config, to_yaml
+from qrpo.slurm.config import (
     LaunchArgs,
     SlurmConfig,
     check_accelerate_config,
@@ -39,7 +39,7 @@ from slurm.config import (
     parse_launch_args,
     task_config,
 )
-from slurm.job import (
+from qrpo.slurm.job import (
     CommandJob,
     make_executor,
     node_address,
@@ -48,11 +48,11 @@ from slurm.job import (
     sbatch_script,
     wait,
 )
-from slurm.sweep import grid_points
+from qrpo.slurm.sweep import grid_points
 
 
 class TrainJob(CommandJob):
-    """One training run: `python -m train --config RUN_DIR/slurm/train.yaml` on every node."""
+    """One training run: `python -m qrpo.train --config RUN_DIR/slurm/train.yaml` on every node."""
 
     def __init__(
         self,
@@ -78,12 +78,12 @@ class TrainJob(CommandJob):
         return self.launch_command(nodes, env.node, host, str(port))
 
     def launch_command(self, nodes: int, rank, host: str, port: str) -> list[str]:
-        train = ["-m", "train", "--config", self.train_yaml]
+        train = ["-m", "qrpo.train", "--config", self.train_yaml]
         world = nodes * self.per_node
         if world == 1:
             return [sys.executable, *train]
         launch = [
-            *(sys.executable, "-m", "slurm.launcher"),
+            *(sys.executable, "-m", "qrpo.slurm.launcher"),
             *("--num_machines", str(nodes), "--num_processes", str(world)),
             *("--machine_rank", str(rank), "--main_process_ip", host),
             *("--main_process_port", port),
@@ -109,12 +109,12 @@ class TrainJob(CommandJob):
 @dataclass
 class Run:
     name: str
-    cfg: object  # train.config.TrainConfig
+    cfg: object  # qrpo.train.config.TrainConfig
 
 
 def plan_runs(args: LaunchArgs) -> tuple[str, list[Run]]:
     """The base run directory and every run of the grid (one without a sweep), each checked."""
-    from train.config import TrainConfig
+    from qrpo.train.config import TrainConfig
 
     base = task_config(TrainConfig, args.config, args.overrides)
     points = grid_points(args.grid) or [("", [])]
@@ -131,8 +131,8 @@ def plan_runs(args: LaunchArgs) -> tuple[str, list[Run]]:
 
 def check_runs(runs: list[Run], slurm: SlurmConfig) -> None:
     """What the job would only find out on the nodes, found here."""
-    from train.losses import get_algorithm
-    from train.resume import check_fresh
+    from qrpo.train.losses import get_algorithm
+    from qrpo.train.resume import check_fresh
 
     inputs = {
         (
@@ -184,7 +184,7 @@ def submit(args: LaunchArgs) -> list:
 
 def submit_runs(cfg: SlurmConfig, base: str, runs: list[Run]) -> list:
     """Submit checked runs (one job, or one array for several); `base` holds the array's
-    submitit folder. Runs need not share a config: pipelines.frontier submits every algorithm's
+    submitit folder. Runs need not share a config: qrpo.pipelines.frontier submits every algorithm's
     grid as one array."""
     check_cluster(cfg)
     accelerate_config = check_accelerate_config(cfg)
@@ -257,18 +257,18 @@ def submit_runs(cfg: SlurmConfig, base: str, runs: list[Run]) -> list:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from train.config import TrainConfig
+    from qrpo.train.config import TrainConfig
 
     args = parse_launch_args(
         argv,
-        prog="python -m slurm.train",
+        prog="python -m qrpo.slurm.train",
         description="Submit a training run (or a grid of runs) to SLURM through submitit.",
-        task_help=["[training]  as for python -m train", *config_help(TrainConfig)],
+        task_help=["[training]  as for python -m qrpo.train", *config_help(TrainConfig)],
     )
     try:
         submit(args)
     except ConfigError as err:
-        print(f"python -m slurm.train: error: {err}", file=sys.stderr)
+        print(f"python -m qrpo.slurm.train: error: {err}", file=sys.stderr)
         sys.exit(2)
 
 

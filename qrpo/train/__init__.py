@@ -1,1 +1,1 @@
-"""A lean Accelerate training loop for SFT, QRPO and the baselines (see train/train.py)."""
+"""A lean Accelerate training loop for SFT, QRPO and the baselines (see qrpo/train/train.py)."""

@@ -1,19 +1,19 @@
-"""`python -m train --config FILE [key=value ...]` (or under `accelerate launch -m train`)."""
+"""`python -m qrpo.train --config FILE [key=value ...]` (or under `accelerate launch -m qrpo.train`)."""
 
 import sys
 
-from common.config import ConfigError, parse_config
-from common.data import DataError
-from train.config import TrainConfig
-from train.preemption import EXIT_PREEMPTED
-from train.train import TrainingError, train
+from qrpo.common.config import ConfigError, parse_config
+from qrpo.common.data import DataError
+from qrpo.train.config import TrainConfig
+from qrpo.train.preemption import EXIT_PREEMPTED
+from qrpo.train.train import TrainingError, train
 
 
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_config(
         TrainConfig,
         argv,
-        prog="python -m train",
+        prog="python -m qrpo.train",
         description="Train a policy with SFT, QRPO or a baseline.",
     )
     try:

@@ -1,9 +1,9 @@
 """Training throughput: our loop against TRL's DPOTrainer on one workload, in one invocation.
 
-    python -m train.bench                                  # CPU: 256-d Llama, V=32000, fp32, ~5 min
-    python -m train.bench workload=gpu                     # GPU: Llama-3.2-1B-like, bf16, 1k tokens
-    python -m train.bench steps=10 systems=[ours_dpo,trl_dpo] out=runs/bench_x
-    python -m train.bench --help                           # every key
+    python -m qrpo.train.bench                                  # CPU: 256-d Llama, V=32000, fp32, ~5 min
+    python -m qrpo.train.bench workload=gpu                     # GPU: Llama-3.2-1B-like, bf16, 1k tokens
+    python -m qrpo.train.bench steps=10 systems=[ours_dpo,trl_dpo] out=runs/bench_x
+    python -m qrpo.train.bench --help                           # every key
 
 Systems (`systems=[...]`), each run in its own subprocess so that peak memory is its own:
 
@@ -26,9 +26,9 @@ device sync); the measured time is from the end of the last warm-up step to the 
 step, so it covers whole step periods (data, forward, backward, optimizer, logging). Tokens are all
 real prompt+completion tokens of both sequences of each pair (no padding): from our loop's
 `metrics.jsonl` (tokens_per_s * step_s per step) and from TRL's logged `num_tokens` (sum of the
-attention mask). MFU = tokens/s * FLOP/token / peak, with `common.flops.train_flops_per_token`
+attention mask). MFU = tokens/s * FLOP/token / peak, with `qrpo.common.flops.train_flops_per_token`
 (6N, plus 2N with an on-the-fly reference) and a matmul peak measured on this device in the
-compute dtype before any system runs (`common.flops.measure_peak_tflops`, best of three); our
+compute dtype before any system runs (`qrpo.common.flops.measure_peak_tflops`, best of three); our
 loop gets the same peak (`run.peak_tflops`), so the MFU it logs differs from the bench's only by
 its timing boundaries (it times a step from its start to after the optimizer step, without
 logging) and by how it averages (the mean of per-step MFUs; here total tokens over total time).
@@ -51,11 +51,11 @@ import sys
 import time
 from pathlib import Path
 
-from common.config import ConfigError, parse_config, save_config
-from train.bench_report import StepClock, goals, plot, table, throughput
-from train.bench_workload import (
+from qrpo.common.config import ConfigError, parse_config, save_config
+from qrpo.common.constants import SOURCE_ROOT
+from qrpo.train.bench_report import StepClock, goals, plot, table, throughput
+from qrpo.train.bench_workload import (
     OUR_SYSTEMS,
-    ROOT,
     BenchConfig,
     prepare,
     resolve,
@@ -64,7 +64,7 @@ from train.bench_workload import (
 
 
 def run_ours(cfg: BenchConfig, system: str, meta: dict) -> dict:
-    from train.train import train
+    from qrpo.train.train import train
 
     work, sys_dir = Path(cfg.out) / "work", Path(cfg.out) / "systems" / system
     run_dir = sys_dir / "run"
@@ -98,12 +98,12 @@ def run_child(cfg: BenchConfig) -> None:
         return
     import torch
 
-    from common.flops import peak_memory_gb
+    from qrpo.common.flops import peak_memory_gb
 
     meta = json.loads((Path(cfg.out) / "work" / "meta.json").read_text())
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if cfg.system == "trl_dpo":
-        from train.bench_trl import run_trl
+        from qrpo.train.bench_trl import run_trl
 
         result = run_trl(cfg, meta)
     else:
@@ -121,16 +121,23 @@ def run_child(cfg: BenchConfig) -> None:
 
 def _child(config_file: Path, system: str, log: Path, timeout: int) -> int:
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(SOURCE_ROOT), env.get("PYTHONPATH")]))
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     env.setdefault("HF_HUB_OFFLINE", "1")
     env.setdefault("HF_DATASETS_OFFLINE", "1")
     log.parent.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "train.bench", "--config", str(config_file), f"system={system}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "qrpo.train.bench",
+        "--config",
+        str(config_file),
+        f"system={system}",
+    ]
     with log.open("w") as f:
         try:
             return subprocess.run(
-                cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT, timeout=timeout
+                cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=SOURCE_ROOT, timeout=timeout
             ).returncode
         except subprocess.TimeoutExpired:
             f.write(f"\nbench: killed after timeout_s={timeout}\n")
@@ -248,7 +255,7 @@ def _environment() -> dict:
         except md.PackageNotFoundError:
             env[package] = None
     try:
-        git = ["git", "-C", str(ROOT)]
+        git = ["git", "-C", str(SOURCE_ROOT)]
         env["commit"] = subprocess.run(
             [*git, "rev-parse", "HEAD"], capture_output=True, text=True
         ).stdout.strip()
@@ -263,7 +270,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg = parse_config(
         BenchConfig,
         argv,
-        prog="python -m train.bench",
+        prog="python -m qrpo.train.bench",
         description="Training throughput of our loop against TRL's DPOTrainer.",
     )
     try:

@@ -8,7 +8,7 @@ import statistics
 import time
 from pathlib import Path
 
-from train.bench_workload import BenchConfig
+from qrpo.train.bench_workload import BenchConfig
 
 
 class StepClock:

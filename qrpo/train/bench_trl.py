@@ -1,4 +1,4 @@
-"""The TRL side of `python -m train.bench`: `trl.DPOTrainer` on the bench's model and pairs.
+"""The TRL side of `python -m qrpo.train.bench`: `trl.DPOTrainer` on the bench's model and pairs.
 
 Written against TRL 1.x (`DPOConfig.max_length` only; `max_prompt_length` is gone). Settings are
 TRL's defaults except what the workload fixes: batch, steps, learning rate and its constant
@@ -21,8 +21,8 @@ def run_trl(cfg, meta: dict) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
-    from common.attention import choose_attention
-    from train.bench_report import StepClock, throughput
+    from qrpo.common.attention import choose_attention
+    from qrpo.train.bench_report import StepClock, throughput
 
     work, sys_dir = Path(cfg.out) / "work", Path(cfg.out) / "systems" / "trl_dpo"
     cuda = torch.cuda.is_available()
@@ -34,8 +34,11 @@ def run_trl(cfg, meta: dict) -> dict:
         # TRL pads its batches instead of packing them; on padded rows our two paths are sdpa.
         attn = "sdpa"
     # fp32 weights in both dtypes: bf16 means autocast, as in our loop (mixed_precision=bf16).
+    # Hub kernels off, as in our systems (model.hub_kernels=false): both sides run the code we
+    # measure, not layers transformers downloads at load. TRL loads its reference model itself,
+    # from `model_init_kwargs` (which it ignores, with a warning, for the policy passed in).
     model = AutoModelForCausalLM.from_pretrained(
-        work / "model", dtype=torch.float32, attn_implementation=attn
+        work / "model", dtype=torch.float32, attn_implementation=attn, use_kernels=False
     )
     args = DPOConfig(
         output_dir=str(sys_dir / "trl"),
@@ -53,6 +56,7 @@ def run_trl(cfg, meta: dict) -> dict:
         save_strategy="no",
         logging_steps=1,
         seed=cfg.seed,
+        model_init_kwargs={"use_kernels": False},
     )
 
     class TokenCounter(TrainerCallback):

@@ -1,5 +1,5 @@
 """The training bench's workload: presets, its config, the synthetic pairs and word-level
-tokenizer, and the model, data and per-system training configs it prepares once (train/bench.py
+tokenizer, and the model, data and per-system training configs it prepares once (qrpo/train/bench.py
 runs the systems on them).
 """
 
@@ -14,9 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from common.config import ConfigError, build_config, doc
+from qrpo.common.config import ConfigError, build_config, doc
 
-ROOT = Path(__file__).resolve().parents[1]
 SPECIALS = ("<pad>", "<s>", "</s>", "<unk>")  # ids 0..3; words t0, t1, ... follow
 PAD, BOS, EOS, UNK = SPECIALS
 OUR_SYSTEMS = {  # name -> (algorithm, reference source, data file)
@@ -197,7 +196,7 @@ def pair_tokens(row: dict) -> int:
 
 
 def system_train_config(cfg: BenchConfig, system: str, work: Path, run_dir: Path):
-    from train.config import TrainConfig
+    from qrpo.train.config import TrainConfig
 
     algorithm, ref_source, data = OUR_SYSTEMS[system]
     beta = cfg.dpo_beta if algorithm == "dpo" else cfg.qrpo_beta
@@ -237,11 +236,11 @@ def prepare(cfg: BenchConfig) -> dict:
     import torch
     from transformers import LlamaForCausalLM
 
-    from common.flops import measure_peak_tflops, train_flops_per_token
-    from common.model import load_model
-    from common.tiny import model_config
-    from kernels.sequence_model import SequenceLogprobModel, autocast, sequence_logps
-    from train.train import load_examples
+    from qrpo.common.flops import measure_peak_tflops, train_flops_per_token
+    from qrpo.common.model import load_model
+    from qrpo.common.tiny import model_config
+    from qrpo.kernels.sequence_model import SequenceLogprobModel, autocast, sequence_logps
+    from qrpo.train.train import load_examples
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if cfg.workload == "gpu" and device.type != "cuda":
@@ -249,7 +248,7 @@ def prepare(cfg: BenchConfig) -> dict:
     work = Path(cfg.out) / "work"
     shutil.rmtree(work, ignore_errors=True)
     tokenizer = word_tokenizer(cfg.vocab_size)
-    # The tiny model's Llama config (common/tiny.py) at the workload's sizes.
+    # The tiny model's Llama config (qrpo/common/tiny.py) at the workload's sizes.
     model_cfg = model_config(
         cfg.vocab_size,
         hidden_size=cfg.hidden_size,

@@ -5,13 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from common.config import ConfigError, choice, doc, sub
-from common.data import DataConfig
-from common.model import MIXED_PRECISIONS, ModelConfig
-from kernels.logprobs_api import LOGPROB_BACKENDS
-from kernels.partition import EMPIRICAL_ESTIMATORS, PARTITIONS
-from kernels.qrpo import ESTIMATORS, LOSS_TYPES, TRANSFORMS
-from train.losses import algorithm_names, get_algorithm
+from qrpo.common.config import ConfigError, choice, doc, sub
+from qrpo.common.data import DataConfig
+from qrpo.common.model import MIXED_PRECISIONS, ModelConfig
+from qrpo.kernels.logprobs_api import LOGPROB_BACKENDS
+from qrpo.kernels.partition import EMPIRICAL_ESTIMATORS, PARTITIONS
+from qrpo.kernels.qrpo import ESTIMATORS, LOSS_TYPES, TRANSFORMS
+from qrpo.train.losses import algorithm_names, get_algorithm
 
 REFERENCE_SOURCES = ("auto", "data", "model")
 RESUME_MODES = ("auto", "force", "never")
@@ -27,7 +27,7 @@ def scheduler_names() -> tuple[str, ...]:
 @dataclass
 class LossConfig:
     algorithm: str = choice(
-        "qrpo", algorithm_names, "training algorithm (train/losses/: one file per algorithm)"
+        "qrpo", algorithm_names, "training algorithm (qrpo/train/losses/: one file per algorithm)"
     )
     beta: float = doc(1e-2, "QRPO/DPO/REBEL/KTO beta (SimPO: its beta)")
     length_normalized: bool = doc(
@@ -54,7 +54,7 @@ class LossConfig:
     value_lr: float = doc(1e-2, "DRO: learning rate of the per-prompt value table")
     kernel_backend: str = choice("auto", LOGPROB_BACKENDS, "log-prob kernel")
     fused_head: Optional[bool] = doc(
-        None, "fused head+loss pass (train/fused.py): true | false | null = on with CUDA"
+        None, "fused head+loss pass (qrpo/train/fused.py): true | false | null = on with CUDA"
     )
 
     def __post_init__(self):

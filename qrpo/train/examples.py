@@ -1,4 +1,4 @@
-"""Training examples and the order of global batches (packing is common/packing.py).
+"""Training examples and the order of global batches (packing is qrpo/common/packing.py).
 
 An *example* is what a loss sees as one item: one sequence (SFT, QRPO, KTO, DRO,
 reward-partition) or a chosen/rejected pair (DPO, SimPO, REBEL), which always stays in one
@@ -13,9 +13,9 @@ import math
 
 import torch
 
-from common.packing import Example, Sequence
-from train.config import TrainConfig
-from train.losses import get_algorithm
+from qrpo.common.packing import Example, Sequence
+from qrpo.train.config import TrainConfig
+from qrpo.train.losses import get_algorithm
 
 
 def build_examples(rows: list[dict], cfg: TrainConfig) -> list[Example]:

@@ -19,8 +19,8 @@ from collections.abc import Callable
 
 import torch
 
-from common.packing import Batch
-from train.losses import get_algorithm
+from qrpo.common.packing import Batch
+from qrpo.train.losses import get_algorithm
 
 
 def fused_head_applies(cfg, device: torch.device) -> bool:

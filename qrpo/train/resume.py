@@ -7,7 +7,7 @@ the configuration changed in between is `run.resume`:
            any model is loaded, listing each such key with its old and new value
     force  resume and apply the new values: optimizer hyper-parameters and learning rates take
            effect from the next step (said in the log and in RUN_DIR/config_history.yaml)
-    never  start fresh; the run directory must be empty (the SLURM launcher's slurm/ aside)
+    never  start fresh; the run directory must be empty (the SLURM launcher's qrpo/slurm/ aside)
 
 Keys that change the trajectory: everything except those in `KEEPS_TRAJECTORY` (logging,
 trackers, checkpoint cadence, reference-check settings, ...), so a key added to the config later
@@ -31,10 +31,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from common.config import ConfigError, load_saved_config, save_config
-from train.checkpoint import latest_checkpoint
-from train.config import TrainConfig
-from train.examples import steps_per_epoch
+from qrpo.common.config import ConfigError, load_saved_config, save_config
+from qrpo.train.checkpoint import latest_checkpoint
+from qrpo.train.config import TrainConfig
+from qrpo.train.examples import steps_per_epoch
 
 KEEPS_TRAJECTORY = (
     "run.run_dir",
@@ -55,7 +55,7 @@ KEEPS_TRAJECTORY = (
 )
 SCHEDULE_LENGTH = ("run.epochs", "run.max_steps")
 HISTORY = "config_history.yaml"
-LAUNCHER_FOLDER = "slurm"  # written by slurm.train before the job starts
+LAUNCHER_FOLDER = "slurm"  # written by qrpo.slurm.train before the job starts
 
 
 @dataclass
@@ -98,7 +98,7 @@ def flat(cfg: TrainConfig) -> dict[str, Any]:
 
 
 def lr_multipliers(cfg: TrainConfig, total: int, steps: int) -> list[float] | None:
-    """The schedule's learning-rate factor for steps 0..steps-1, built as train.train builds it
+    """The schedule's learning-rate factor for steps 0..steps-1, built as qrpo.train.train builds it
     (None: not a LambdaLR)."""
     import torch
     from torch.optim.lr_scheduler import LambdaLR

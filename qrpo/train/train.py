@@ -1,9 +1,9 @@
 """The training loop: SFT, QRPO and the baselines on packed sequences and the no-logits kernel.
 
-    python -m train --config configs/train/qrpo_tiny.yaml                     # one process
-    accelerate launch --config_file configs/accelerate/fsdp2_multi_gpu.yaml -m train \
+    python -m qrpo.train --config configs/train/qrpo_tiny.yaml                     # one process
+    accelerate launch --config_file configs/accelerate/fsdp2_multi_gpu.yaml -m qrpo.train \
         --config configs/train/qrpo_gpu.yaml loss.beta=3e-3                   # one node, N GPUs
-    python -m slurm.train --config ... nodes=4 gpus_per_node=8                 # SLURM
+    python -m qrpo.slurm.train --config ... nodes=4 gpus_per_node=8                 # SLURM
 
 Read top to bottom: set-up (data first, so bad data fails before a model is loaded), then one
 loop whose step packs the global batch's share of this process into micro-batches, computes
@@ -21,23 +21,23 @@ from pathlib import Path
 
 import torch
 
-from common.config import ConfigError, to_yaml
-from common.data import DataError, load_canonical
-from common.flops import measure_peak_tflops, peak_memory_gb, train_flops_per_token
-from common.model import ModelConfig, load_model, load_tokenizer
-from common.packing import Batch, Example, collate, pack
-from common.tokenize import tokenize_rows
-from kernels.sequence_model import SequenceLogprobModel, compute_dtype, sequence_logps
-from train.accelerator import freeze_reference, make_accelerator, make_optimizer
-from train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from train.config import TrainConfig
-from train.examples import build_examples, global_batch_indices, mismatched
-from train.fused import fused_head_applies, fused_micro_batch_loss
-from train.losses import Algorithm, LossInputs, get_algorithm
-from train.metrics import flat_config, plot_curves, truncate_log
-from train.preemption import PreemptionFlag
-from train.profiling import StepProfiler
-from train.resume import apply_new_values, describe, plan_resume, record_start, schedule_length
+from qrpo.common.config import ConfigError, to_yaml
+from qrpo.common.data import DataError, load_canonical
+from qrpo.common.flops import measure_peak_tflops, peak_memory_gb, train_flops_per_token
+from qrpo.common.model import ModelConfig, load_model, load_tokenizer
+from qrpo.common.packing import Batch, Example, collate, pack
+from qrpo.common.tokenize import tokenize_rows
+from qrpo.kernels.sequence_model import SequenceLogprobModel, compute_dtype, sequence_logps
+from qrpo.train.accelerator import freeze_reference, make_accelerator, make_optimizer
+from qrpo.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from qrpo.train.config import TrainConfig
+from qrpo.train.examples import build_examples, global_batch_indices, mismatched
+from qrpo.train.fused import fused_head_applies, fused_micro_batch_loss
+from qrpo.train.losses import Algorithm, LossInputs, get_algorithm
+from qrpo.train.metrics import flat_config, plot_curves, truncate_log
+from qrpo.train.preemption import PreemptionFlag
+from qrpo.train.profiling import StepProfiler
+from qrpo.train.resume import apply_new_values, describe, plan_resume, record_start, schedule_length
 
 
 class TrainingError(RuntimeError):
@@ -90,7 +90,7 @@ def check_precomputed_reference(policy, examples, cfg: TrainConfig, device) -> f
             f"{gap:.4g} nats over the first {len(probe)} examples (ref.check_tolerance="
             f"{cfg.ref.check_tolerance}). The data's ref_logp must come from exactly "
             f"model.name_or_path={cfg.model.name_or_path} with the same kernel and precision; "
-            "recompute them (python -m generate.ref_logps) or use ref.source=model."
+            "recompute them (python -m qrpo.generate.ref_logps) or use ref.source=model."
         )
     return gap
 
@@ -177,7 +177,7 @@ def train(cfg: TrainConfig) -> dict:
     if accelerator.is_main_process and cfg.run.trackers:
         accelerator.init_trackers(cfg.run.project, config=flat_config(cfg))
 
-    # ---- resume (train/resume.py: run.resume and a changed config)
+    # ---- resume (qrpo/train/resume.py: run.resume and a changed config)
     step, metrics_log = 0, run_dir / "metrics.jsonl"
     if plan.checkpoint is not None:
         step = load_checkpoint(accelerator, plan.checkpoint)["step"]

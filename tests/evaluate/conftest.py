@@ -4,7 +4,7 @@ import warnings
 
 import pytest
 
-from common.sandbox import Sandbox, SandboxConfig, SandboxError
+from qrpo.common.sandbox import Sandbox, SandboxConfig, SandboxError
 
 
 @pytest.fixture(scope="module")

@@ -3,9 +3,9 @@
 import os
 import textwrap
 
-from common.code_reward import CodeProblem, split_tests
-from common.sandbox import Sandbox
-from common.sandbox_processes import session_processes, uid_processes
+from qrpo.common.code_reward import CodeProblem, split_tests
+from qrpo.common.sandbox import Sandbox
+from qrpo.common.sandbox_processes import session_processes, uid_processes
 
 TEST = "assert f(1) == 2\n"
 

@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from common.rewards import RewardConfig
-from common.sandbox import SandboxConfig
-from evaluate import metrics
-from evaluate.__main__ import EvalConfig, evaluate, main
+from qrpo.common.rewards import RewardConfig
+from qrpo.common.sandbox import SandboxConfig
+from qrpo.evaluate import metrics
+from qrpo.evaluate.__main__ import EvalConfig, evaluate, main
 
 
 @pytest.fixture(scope="module")
@@ -18,7 +18,7 @@ def models(tmp_path_factory):
     """'tiny', an identical copy in another folder, and a perturbed copy (a run folder)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from common.tiny import ensure_tiny
+    from qrpo.common.tiny import ensure_tiny
 
     src = ensure_tiny()
     root = tmp_path_factory.mktemp("models")
@@ -100,8 +100,8 @@ def test_logps_match_a_plain_forward(result):
     """The packed no-logits log-prob of a sample equals log_softmax of a plain forward."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from common.model import resolve
-    from common.tokenize import encode_completion, encode_prompt
+    from qrpo.common.model import resolve
+    from qrpo.common.tokenize import encode_completion, encode_prompt
 
     res, _ = result
     rows = [json.loads(line) for line in Path(res["files"]["samples"]).read_text().splitlines()]
@@ -122,8 +122,8 @@ def test_reward_model_scores_through_the_cli(models, tmp_path):
     its scores do not depend on batching (padding)."""
     from transformers import AutoTokenizer, LlamaForSequenceClassification
 
-    from common.reward_model import RewardModel
-    from common.tiny import ensure_tiny, model_config
+    from qrpo.common.reward_model import RewardModel
+    from qrpo.common.tiny import ensure_tiny, model_config
 
     tok = AutoTokenizer.from_pretrained(ensure_tiny())
     torch.manual_seed(3)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from evaluate import metrics
+from qrpo.evaluate import metrics
 
 
 def test_win_rate_counts_ties_as_half():

@@ -9,8 +9,8 @@ import textwrap
 import pytest
 from sandbox_helpers import TEST
 
-from common.code_reward import CodeProblem, run_tests, split_tests
-from evaluate.metrics import pass_at_k
+from qrpo.common.code_reward import CodeProblem, run_tests, split_tests
+from qrpo.evaluate.metrics import pass_at_k
 
 # --------------------------------------------------------------------------- honest
 
@@ -140,7 +140,7 @@ def test_without_root_a_user_namespace_gives_the_same_isolation():
         f"""
             import json, sys
             sys.path.insert(0, {str(repo)!r})
-            from common.sandbox import Sandbox, SandboxConfig
+            from qrpo.common.sandbox import Sandbox, SandboxConfig
             sb = Sandbox(SandboxConfig(workers=1, wall_seconds=2.0))
             out = {{"layers": sb.layers, "missing": sb.missing_layers()}}
             for name, body in [

@@ -1,4 +1,4 @@
-"""evaluate.partition_bandit: the exact optimum, the K = infinity case of the issue, the CLI."""
+"""qrpo.evaluate.partition_bandit: the exact optimum, the K = infinity case of the issue, the CLI."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 import scipy.special
 import torch
 
-from evaluate import partition_bandit as pb
-from kernels import log_partition
+from qrpo.evaluate import partition_bandit as pb
+from qrpo.kernels import log_partition
 
 BETA = 0.1
 

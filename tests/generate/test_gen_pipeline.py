@@ -15,15 +15,15 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from common.config import build_config
-from common.tiny import TASK
-from generate.config import PipelineConfig
-from generate.merge import MergeError
-from generate.pipeline import run_pipeline, run_step
-from generate.shards import read_rows_parquet, write_rows_parquet
-from kernels.sequence_model import SequenceLogprobModel, sequence_logps
-from train.config import TrainConfig
-from train.train import load_examples, train
+from qrpo.common.config import build_config
+from qrpo.common.tiny import TASK
+from qrpo.generate.config import PipelineConfig
+from qrpo.generate.merge import MergeError
+from qrpo.generate.pipeline import run_pipeline, run_step
+from qrpo.generate.shards import read_rows_parquet, write_rows_parquet
+from qrpo.kernels.sequence_model import SequenceLogprobModel, sequence_logps
+from qrpo.train.config import TrainConfig
+from qrpo.train.train import load_examples, train
 
 ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
@@ -131,7 +131,7 @@ def test_killed_shard_resumes_without_redoing_chunks(tmp_path, prompts):
     args = [
         sys.executable,
         "-m",
-        "generate.pipeline",
+        "qrpo.generate.pipeline",
         f"data.path={prompts}",
         f"out={tmp_path}",
         "shard=0",
@@ -231,7 +231,7 @@ def test_merge_names_missing_and_duplicated_and_writes_nothing(tmp_path, prompts
 
 
 def test_ref_logps_equal_the_training_loops_step_zero(tmp_path, one_shard):
-    from common.model import load_model
+    from qrpo.common.model import load_model
 
     data = str(one_shard / "ref_logps.parquet")
     # The loop's own values at step 0, from its own examples.

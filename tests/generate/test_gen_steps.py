@@ -1,4 +1,4 @@
-"""The steps one by one: seeded sampling whatever the batching, prompt ids as common.data gives
+"""The steps one by one: seeded sampling whatever the batching, prompt ids as qrpo.common.data gives
 them, rewards (NaN stops naming the row; a tiny local reward model), the build regimes, shard
 resolution from SLURM, and the command lines."""
 
@@ -9,17 +9,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from common.config import build_config
-from common.data import DataConfig, DataError, load_canonical
-from common.model import ModelConfig, load_model, load_tokenizer
-from common.rewards import REWARDS, register_reward
-from common.sampling import generate_samples, sample_completions
-from common.tiny import TASK
-from generate.build import build_rows
-from generate.config import PipelineConfig
-from generate.pipeline import run_pipeline, run_step
-from generate.records import read_data_groups
-from generate.shards import ShardError, read_rows_parquet, resolve_shard
+from qrpo.common.config import build_config
+from qrpo.common.data import DataConfig, DataError, load_canonical
+from qrpo.common.model import ModelConfig, load_model, load_tokenizer
+from qrpo.common.rewards import REWARDS, register_reward
+from qrpo.common.sampling import generate_samples, sample_completions
+from qrpo.common.tiny import TASK
+from qrpo.generate.build import build_rows
+from qrpo.generate.config import PipelineConfig
+from qrpo.generate.pipeline import run_pipeline, run_step
+from qrpo.generate.records import read_data_groups
+from qrpo.generate.shards import ShardError, read_rows_parquet, resolve_shard
 
 QUIET = lambda *_: None  # noqa: E731
 
@@ -155,7 +155,7 @@ def test_reward_functions_see_the_rows_other_columns(tmp_path):
 def test_reward_model_scores_with_its_own_template_and_truncation(tmp_path):
     from transformers import AutoTokenizer, LlamaForSequenceClassification
 
-    from common.tiny import ensure_tiny, model_config
+    from qrpo.common.tiny import ensure_tiny, model_config
 
     tok = AutoTokenizer.from_pretrained(ensure_tiny())
     torch.manual_seed(0)
@@ -308,7 +308,7 @@ def test_help_lists_the_keys(module, capsys):
 
 
 def test_task_files(tmp_path):
-    from generate.__main__ import main
+    from qrpo.generate.__main__ import main
 
     main(["step=task", f"out={tmp_path}", "n_sft=4", "n_train=5", "n_eval=2"])
     assert len((tmp_path / "train_prompts.jsonl").read_text().splitlines()) == 5

@@ -1,5 +1,5 @@
 """log Z_f(beta) from the paper's closed forms (arXiv 2507.08068, Table 4) at 50 digits: the
-expected values of the loss and partition tests, sharing no code with kernels/qrpo.py."""
+expected values of the loss and partition tests, sharing no code with qrpo/kernels/qrpo.py."""
 
 import mpmath
 

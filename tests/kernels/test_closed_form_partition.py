@@ -12,8 +12,8 @@ import scipy.special
 import torch
 from exact_partition import exact_log_z
 
-from kernels import log_partition
-from kernels.qrpo import TRANSFORMS  # a new transform is tested everywhere below
+from qrpo.kernels import log_partition
+from qrpo.kernels.qrpo import TRANSFORMS  # a new transform is tested everywhere below
 
 
 @pytest.mark.parametrize(

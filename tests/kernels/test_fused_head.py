@@ -16,10 +16,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from common.constants import IGNORE_INDEX
-from kernels import fused_head_loss, qrpo_loss, sequence_logprobs
-from kernels.fused_head import MAX_LOGITS_ELEMENTS, default_chunk_tokens, plan_chunks
-from kernels.logprobs_triton import TritonConfig, use_config
+from qrpo.common.constants import IGNORE_INDEX
+from qrpo.kernels import fused_head_loss, qrpo_loss, sequence_logprobs
+from qrpo.kernels.fused_head import MAX_LOGITS_ELEMENTS, default_chunk_tokens, plan_chunks
+from qrpo.kernels.logprobs_triton import TritonConfig, use_config
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 needs_interpreter = pytest.mark.skipif(not INTERPRETED, reason="Triton on CPU tensors")
@@ -200,7 +200,7 @@ requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs 
 @pytest.fixture
 def gpu_tiles():
     """The device's own tile table instead of the tiny CPU tiles of this file's fixture."""
-    import kernels.tiles as tiles
+    import qrpo.kernels.tiles as tiles
 
     previous, tiles._OVERRIDE = tiles._OVERRIDE, None
     yield

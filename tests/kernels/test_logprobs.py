@@ -18,10 +18,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from common.constants import IGNORE_INDEX
-from kernels import sequence_logprobs
-from kernels.logprobs_triton import TritonConfig, use_config
-from kernels.tiles import ChunkConfig, use_chunk_config
+from qrpo.common.constants import IGNORE_INDEX
+from qrpo.kernels import sequence_logprobs
+from qrpo.kernels.logprobs_triton import TritonConfig, use_config
+from qrpo.kernels.tiles import ChunkConfig, use_chunk_config
 
 # Triton on CPU tensors needs the interpreter (set by tests/conftest.py when there is no CUDA);
 # on a CUDA machine the same paths are covered by the `gpu` tests at the end of this file.
@@ -363,9 +363,9 @@ def test_naive_bf16_is_the_rounded_logits_baseline() -> None:
 def test_torch_backend_peak_memory() -> None:
     """At N=4096, V=32000, D=256 fp32 the torch backend's extra memory (forward + backward, beyond
     inputs and gradients) stays under 10% of the full logits (524 MB). Measured in a fresh process
-    as the peak-RSS increase, see kernels/bench_measure.py:cpu_peak_extra_bytes."""
+    as the peak-RSS increase, see qrpo/kernels/bench_measure.py:cpu_peak_extra_bytes."""
     code = (
-        "from kernels.bench_measure import cpu_peak_extra_bytes;"
+        "from qrpo.kernels.bench_measure import cpu_peak_extra_bytes;"
         "print(cpu_peak_extra_bytes('torch', 4096, 256, 32000, seq_len=512))"
     )
     out = subprocess.run(
@@ -411,7 +411,7 @@ def test_cuda_triton_matches_float64(dtype: torch.dtype, softcap: float | None) 
 def test_cuda_training_step_has_no_host_sync() -> None:
     """With check_targets=False, log-probs and the QRPO loss, forward and backward, never block on
     the device (torch's sync debug mode turns any synchronising call into an error)."""
-    from kernels import qrpo_loss
+    from qrpo.kernels import qrpo_loss
 
     case = make_case([30, 0, 50, 7], dim=64, vocab=1000)
     h = case.hidden.cuda().requires_grad_()
@@ -434,7 +434,7 @@ def test_cuda_training_step_has_no_host_sync() -> None:
 
 
 def test_module_face_matches_functional() -> None:
-    from kernels import SequenceLogprobs
+    from qrpo.kernels import SequenceLogprobs
 
     case = make_case([4, 9], dim=24, vocab=50)
     module = SequenceLogprobs(temperature=0.8, softcap=5.0, backend="torch")

@@ -1,9 +1,9 @@
-"""The finite-K and empirical partition forms (kernels/partition.py, docs/partition.md).
+"""The finite-K and empirical partition forms (qrpo/kernels/partition.py, docs/partition.md).
 
 Expected values come from python loops that enumerate every case exactly (every position of the
 completion among K+1 exchangeable rewards, or every (K+1)-tuple of a small discrete reward
 distribution with its probability), with f written again here with math/scipy, so they share
-no code with kernels/. The Triton backend runs through the CPU interpreter (tests/conftest.py).
+no code with qrpo/kernels/. The Triton backend runs through the CPU interpreter (tests/conftest.py).
 """
 
 from __future__ import annotations
@@ -16,13 +16,13 @@ import pytest
 import scipy.special
 import torch
 
-from kernels import log_partition, qrpo_loss
-from kernels.partition import (
+from qrpo.kernels import log_partition, qrpo_loss
+from qrpo.kernels.partition import (
     log_partition_empirical,
     log_partition_finite_k,
     row_log_partition,
 )
-from kernels.qrpo import TRANSFORMS  # a new transform is tested everywhere below
+from qrpo.kernels.qrpo import TRANSFORMS  # a new transform is tested everywhere below
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 needs_interpreter = pytest.mark.skipif(not INTERPRETED, reason="Triton on CPU tensors")
@@ -339,7 +339,7 @@ def test_cuda_triton_matches_torch(partition, estimator, transform):
 
 
 def test_module_face_passes_the_partition():
-    from kernels import QRPOLoss
+    from qrpo.kernels import QRPOLoss
 
     b = tied_batch(seed=6)
     args = (b["logps"], b["ref_logps"], b["rewards"], b["ref_rewards"])

@@ -2,7 +2,7 @@
 
 The expected values use python loops over rows and the partition functions in their textbook
 (unstabilised) forms at high precision (exact_partition.py), so they share no code with
-kernels/qrpo.py.
+qrpo/kernels/qrpo.py.
 The Triton backend runs through the CPU interpreter (tests/conftest.py).
 """
 
@@ -21,9 +21,9 @@ import triton
 import triton.language as tl
 from exact_partition import exact_log_z
 
-from kernels import qrpo_loss
-from kernels.qrpo import TRANSFORMS  # a new transform is tested everywhere below
-from kernels.qrpo_triton import _ndtri
+from qrpo.kernels import qrpo_loss
+from qrpo.kernels.qrpo import TRANSFORMS  # a new transform is tested everywhere below
+from qrpo.kernels.qrpo_triton import _ndtri
 
 # Triton on CPU tensors needs the interpreter (set by tests/conftest.py when there is no CUDA);
 # on a CUDA machine the kernel is compared with the torch backend by the `gpu` test below.
@@ -386,7 +386,7 @@ def test_cuda_triton_matches_torch(transform, estimator):
 
 
 def test_module_face_matches_functional():
-    from kernels import QRPOLoss
+    from qrpo.kernels import QRPOLoss
 
     batch = make_batch(seed=6)
     args = (batch["logps"], batch["ref_logps"], batch["rewards"], batch["ref_rewards"])

@@ -17,7 +17,7 @@ pytest.importorskip("triton")
 
 _PROBE = """
 import json
-from kernels import logprobs_kernels as lk, qrpo_triton as qt
+from qrpo.kernels import logprobs_kernels as lk, qrpo_triton as qt
 out = {}
 for name, kernel in [("fwd", lk._logprobs_fwd_kernel), ("bwd", lk._logprobs_bwd_kernel),
                      ("qrpo_fwd", qt._qrpo_fwd_kernel), ("qrpo_bwd", qt._qrpo_bwd_kernel)]:
@@ -28,7 +28,7 @@ print(json.dumps(out))
 
 
 def test_per_batch_arguments_are_not_specialized():
-    from kernels import logprobs_kernels as lk
+    from qrpo.kernels import logprobs_kernels as lk
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     run = subprocess.run(

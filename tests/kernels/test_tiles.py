@@ -2,7 +2,7 @@
 
 import torch
 
-from kernels.tiles import (
+from qrpo.kernels.tiles import (
     GENERIC,
     HOPPER_HALF,
     INTERPRETER_CONFIG,

@@ -2,8 +2,8 @@
 
 import json
 
-from common.config import build_config
-from pipelines.demo import DemoConfig, run
+from qrpo.common.config import build_config
+from qrpo.pipelines.demo import DemoConfig, run
 
 
 def test_reduced_demo_runs_the_whole_pipeline(tmp_path, monkeypatch):

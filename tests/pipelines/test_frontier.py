@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from common.config import ConfigError, build_config
-from pipelines.frontier import FrontierConfig, reference_samples_hash, run
-from train.config import LossConfig
+from qrpo.common.config import ConfigError, build_config
+from qrpo.pipelines.frontier import FrontierConfig, reference_samples_hash, run
+from qrpo.train.config import LossConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 SMALL = [
@@ -87,7 +87,7 @@ def test_reduced_frontier_table_shared_reference_and_resume(tmp_path, monkeypatc
     assert sorted((tmp_path / "seed0" / "eval").glob("eval_*.json")) == evals
     assert again["rows"] == report["rows"]
 
-    # --- one more point, trained as a job array through slurm.train (in this process), then
+    # --- one more point, trained as a job array through qrpo.slurm.train (in this process), then
     # evaluated in a new call whose reference samples must hash the same
     more = _config(
         tmp_path,

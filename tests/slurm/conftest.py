@@ -211,7 +211,7 @@ PartitionName=debug Nodes=n1,n2 Default=YES MaxTime=INFINITE State=UP
 @pytest.fixture(scope="session")
 def slurm_cluster(tmp_path_factory):
     """A started two-node cluster; SLURM_CONF points at it for the session."""
-    from common.tiny import ensure_tiny
+    from qrpo.common.tiny import ensure_tiny
 
     cluster = LocalSlurm(tmp_path_factory.mktemp("slurm-cluster"))
     reason = cluster.prepare()

@@ -53,8 +53,8 @@ def job_id(out: subprocess.CompletedProcess, what: str = "job") -> str:
 
 
 def squeue(job: str) -> str:
-    """The job's states and reasons, or '' once it is over (see slurm.job.in_queue)."""
-    from slurm.job import in_queue
+    """The job's states and reasons, or '' once it is over (see qrpo.slurm.job.in_queue)."""
+    from qrpo.slurm.job import in_queue
 
     if not in_queue(job):
         return ""

@@ -1,4 +1,4 @@
-"""`python -m slurm.generate`: a two-shard job array on the SLURM cluster, then a merge that
+"""`python -m qrpo.slurm.generate`: a two-shard job array on the SLURM cluster, then a merge that
 depends on it, gives the complete data set, the same as one shard run here."""
 
 import json
@@ -7,7 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 from slurm_helpers import CPU, cli, job_id, wait_gone
 
-from common.tiny import TASK
+from qrpo.common.tiny import TASK
 
 PIPELINE = [
     "chunk_size=2",
@@ -29,7 +29,7 @@ def prompts(tmp_path_factory) -> str:
 def test_shard_array_then_merge(slurm_cluster, prompts, tmp_path):
     out = tmp_path / "two"
     sub = cli(
-        "slurm.generate",
+        "qrpo.slurm.generate",
         f"data.path={prompts}",
         f"out={out}",
         *PIPELINE,
@@ -42,7 +42,7 @@ def test_shard_array_then_merge(slurm_cluster, prompts, tmp_path):
     assert f"Dependency=afterok:{shards}" in dependency or "JobState=COMPLETED" in dependency
     # Meanwhile, the one-shard reference, here.
     one = tmp_path / "one"
-    cli("generate.pipeline", f"data.path={prompts}", f"out={one}", *PIPELINE, "num_shards=1")
+    cli("qrpo.generate.pipeline", f"data.path={prompts}", f"out={one}", *PIPELINE, "num_shards=1")
     wait_gone(shards)
     wait_gone(merge)
 
@@ -53,7 +53,7 @@ def test_shard_array_then_merge(slurm_cluster, prompts, tmp_path):
     ]
     assert "shard=0" in (logs / f"{shards}_0_0_log.out").read_text()
     assert "shard=1" in (logs / f"{shards}_1_0_log.out").read_text()
-    assert "generate.merge" in (logs / f"{merge}_0_log.out").read_text()
+    assert "qrpo.generate.merge" in (logs / f"{merge}_0_log.out").read_text()
     two_rows = pq.read_table(out / "ref_logps.parquet").to_pylist()
     one_rows = pq.read_table(one / "ref_logps.parquet").to_pylist()
     assert len(two_rows) == 6 and sum(len(r["completions"]) for r in two_rows) == 18
@@ -73,7 +73,7 @@ def test_bad_generation_config_fails_before_submission(slurm_cluster, prompts, t
         ([f"data.path={prompts}", "num_shards=2", "sample.nn=3"], "config key 'sample.nn'"),
     ]
     for args, message in cases:
-        out = cli("slurm.generate", *common, *args, check=False)
+        out = cli("qrpo.slurm.generate", *common, *args, check=False)
         assert out.returncode == 2 and message in out.stderr, (args, out.stderr)
     assert slurm_cluster.run("squeue", "-h", "-o", "%A").stdout == before
     assert not (tmp_path / "never").exists()

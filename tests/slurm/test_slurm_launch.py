@@ -6,11 +6,11 @@ import types
 import pytest
 from slurm_helpers import CPU, cli
 
-from common.config import ConfigError
-from slurm.config import SlurmConfig, parse_launch_args, time_minutes
-from slurm.job import rendezvous_port
-from slurm.sweep import grid_points
-from slurm.train import TrainJob
+from qrpo.common.config import ConfigError
+from qrpo.slurm.config import SlurmConfig, parse_launch_args, time_minutes
+from qrpo.slurm.job import rendezvous_port
+from qrpo.slurm.sweep import grid_points
+from qrpo.slurm.train import TrainJob
 
 
 @pytest.fixture
@@ -62,18 +62,18 @@ def _job(**slurm) -> TrainJob:
 def test_one_accelerate_launch_per_node():
     gpu = _job(nodes=4, gpus_per_node=8).launch_command(4, 2, "10.0.0.1", "29999")
     text = " ".join(gpu)
-    assert "-m slurm.launcher --num_machines 4 --num_processes 32 --machine_rank 2" in text
+    assert "-m qrpo.slurm.launcher --num_machines 4 --num_processes 32 --machine_rank 2" in text
     assert "--main_process_ip 10.0.0.1 --main_process_port 29999" in text
     assert "--config_file /fsdp2.yaml" in text and "--multi_gpu" not in text
-    assert text.endswith("-m train --config /r/slurm/train.yaml")
+    assert text.endswith("-m qrpo.train --config /r/slurm/train.yaml")
     cpu = " ".join(_job(nodes=2, gpus_per_node=0).launch_command(2, 0, "h", "1"))
     assert "--num_processes 2" in cpu and "--multi_gpu" in cpu and "--config_file" not in cpu
     single = _job(nodes=1, gpus_per_node=0).launch_command(1, 0, "h", "1")
-    assert single[1:] == ["-m", "train", "--config", "/r/slurm/train.yaml"]  # no launcher
+    assert single[1:] == ["-m", "qrpo.train", "--config", "/r/slurm/train.yaml"]  # no launcher
 
 
 def test_the_command_comes_from_the_job_environment(monkeypatch):
-    monkeypatch.setattr("slurm.train.node_address", lambda name: f"addr-of-{name}")
+    monkeypatch.setattr("qrpo.slurm.train.node_address", lambda name: f"addr-of-{name}")
     env = types.SimpleNamespace(
         num_nodes=2, node=1, hostnames=["gpu7", "gpu9"], raw_job_id="123456"
     )
@@ -89,15 +89,15 @@ def test_rendezvous_port_is_derived_from_the_job_id():
 
 
 def test_help_lists_slurm_and_training_keys():
-    out = cli("slurm.train", "--help")
+    out = cli("qrpo.slurm.train", "--help")
     for key in ("nodes: int = 1", "partition: str", "signal_delay_s", "sweep.KEY", "loss.beta"):
         assert key in out.stdout, key
-    assert "num_shards" in cli("slurm.generate", "--help").stdout
+    assert "num_shards" in cli("qrpo.slurm.generate", "--help").stdout
 
 
 def test_sweep_dry_run_prints_the_plan_and_submits_nothing(data, tmp_path):
     out = cli(
-        "slurm.train",
+        "qrpo.slurm.train",
         f"data.path={data}",
         "loss.algorithm=sft",
         f"run.run_dir={tmp_path / 'sweep'}",
@@ -119,15 +119,24 @@ def test_sweep_dry_run_prints_the_plan_and_submits_nothing(data, tmp_path):
 
 
 def test_local_cluster_is_one_node_and_data_must_exist(data, tmp_path):
-    out = cli("slurm.train", f"data.path={data}", "cluster=local", "nodes=2", *CPU, check=False)
+    out = cli(
+        "qrpo.slurm.train", f"data.path={data}", "cluster=local", "nodes=2", *CPU, check=False
+    )
     assert out.returncode == 2 and "cluster=local runs on this machine only" in out.stderr
     out = cli(
-        "slurm.train", f"data.path={tmp_path / 'no.jsonl'}", "cluster=local", *CPU, check=False
+        "qrpo.slurm.train", f"data.path={tmp_path / 'no.jsonl'}", "cluster=local", *CPU, check=False
     )
     assert out.returncode == 2 and "no.jsonl: no such file or folder" in out.stderr
     out = cli(
-        "slurm.train", f"data.path={data}", "cluster=local", *CPU, "gpus_per_node=2", check=False
+        "qrpo.slurm.train",
+        f"data.path={data}",
+        "cluster=local",
+        *CPU,
+        "gpus_per_node=2",
+        check=False,
     )
     assert out.returncode == 2 and "gpus_per_node=2 but this machine has" in out.stderr
-    out = cli("slurm.train", f"data.path={data}", "cluster=local", "timee=5", *CPU, check=False)
+    out = cli(
+        "qrpo.slurm.train", f"data.path={data}", "cluster=local", "timee=5", *CPU, check=False
+    )
     assert out.returncode == 2 and "config key 'timee'" in out.stderr

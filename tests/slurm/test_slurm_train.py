@@ -1,4 +1,4 @@
-"""`python -m slurm.train` end to end: two SLURM nodes against one process, a preempted job that
+"""`python -m qrpo.slurm.train` end to end: two SLURM nodes against one process, a preempted job that
 checkpoints, requeues and resumes to the uninterrupted result (on SLURM, and through the local
 executor, where the signal reaches the job's task alone and must be forwarded), and bad configs
 that fail before anything is submitted."""
@@ -24,7 +24,7 @@ from slurm_helpers import (
     weights,
 )
 
-from common.tiny import TASK
+from qrpo.common.tiny import TASK
 
 STEPS = 80  # the preemption runs: long enough to be signalled mid-way
 
@@ -72,7 +72,7 @@ def uninterrupted(tmp_path_factory, train_yaml) -> Path:
     """The long run, two processes (gloo) on this machine through the local executor."""
     run_dir = tmp_path_factory.mktemp("uninterrupted")
     cli(
-        "slurm.train",
+        "qrpo.slurm.train",
         "--config",
         str(train_yaml),
         *CPU,
@@ -111,7 +111,7 @@ def test_two_nodes_match_one_process(slurm_cluster, train_yaml, tmp_path):
     two, one = tmp_path / "two", tmp_path / "one"
     short = ["run.max_steps=4", "run.save_every=0"]
     out = cli(
-        "slurm.train",
+        "qrpo.slurm.train",
         "--config",
         str(train_yaml),
         *CPU,
@@ -123,7 +123,7 @@ def test_two_nodes_match_one_process(slurm_cluster, train_yaml, tmp_path):
     job = job_id(out)
     assert f"logs:        {two / 'slurm' / f'{job}_0_log.out'}" in out.stdout
     # Meanwhile, the same run in one process through the local executor.
-    cli("slurm.train", "--config", str(train_yaml), *CPU, "cluster=local", "wait=true",
+    cli("qrpo.slurm.train", "--config", str(train_yaml), *CPU, "cluster=local", "wait=true",
         f"run.run_dir={one}", *short)  # fmt: skip
     wait_gone(job)
     import submitit
@@ -141,7 +141,7 @@ def test_two_nodes_match_one_process(slurm_cluster, train_yaml, tmp_path):
     )
     from safetensors.torch import load_file
 
-    from common.tiny import ensure_tiny
+    from qrpo.common.tiny import ensure_tiny
 
     start = load_file(ensure_tiny() / "model.safetensors")
     a, b = weights(one), weights(two)
@@ -156,7 +156,7 @@ def test_two_nodes_match_one_process(slurm_cluster, train_yaml, tmp_path):
 def test_preempted_job_requeues_and_resumes(slurm_cluster, train_yaml, uninterrupted, tmp_path):
     run_dir = tmp_path / "preempted"
     out = cli(
-        "slurm.train",
+        "qrpo.slurm.train",
         "--config",
         str(train_yaml),
         *CPU,
@@ -183,7 +183,7 @@ def test_preempted_job_requeues_and_resumes(slurm_cluster, train_yaml, uninterru
 def test_sweep_is_one_array_with_a_run_dir_each(slurm_cluster, train_yaml, tmp_path):
     base = tmp_path / "sweep"
     out = cli(
-        "slurm.train",
+        "qrpo.slurm.train",
         "--config",
         str(train_yaml),
         *CPU,
@@ -218,7 +218,7 @@ def test_local_job_forwards_the_signal_and_resumes(train_yaml, uninterrupted, tm
     the training processes. The requeue restarts the task in place."""
     run_dir = tmp_path / "local"
     out = cli(
-        "slurm.train",
+        "qrpo.slurm.train",
         "--config",
         str(train_yaml),
         *CPU,
@@ -256,11 +256,11 @@ def test_bad_configs_fail_before_submission(slurm_cluster, train_yaml, tmp_path)
     ]
     for args, message in cases:
         out = cli(
-            "slurm.train", "--config", str(train_yaml), *CPU, f"run.run_dir={run_dir}", *args,
+            "qrpo.slurm.train", "--config", str(train_yaml), *CPU, f"run.run_dir={run_dir}", *args,
             check=False,
         )  # fmt: skip
         assert out.returncode == 2 and message in out.stderr, (args, out.stderr)
-    out = cli("slurm.train", "--config", str(tmp_path / "none.yaml"), *CPU, check=False)
+    out = cli("qrpo.slurm.train", "--config", str(tmp_path / "none.yaml"), *CPU, check=False)
     assert out.returncode == 2 and "training/task config not found" in out.stderr
     assert slurm_cluster.run("squeue", "-h", "-o", "%A").stdout == before
     assert not run_dir.exists()

@@ -5,10 +5,10 @@ import random
 
 import torch
 
-from common.model import ModelConfig, load_model
-from common.packing import Example, Sequence, collate
-from kernels.sequence_model import SequenceLogprobModel
-from train.accelerator import freeze_reference
+from qrpo.common.model import ModelConfig, load_model
+from qrpo.common.packing import Example, Sequence, collate
+from qrpo.kernels.sequence_model import SequenceLogprobModel
+from qrpo.train.accelerator import freeze_reference
 
 
 def test_reference_in_compute_dtype_equals_autocast_of_fp32_weights():

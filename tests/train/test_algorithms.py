@@ -1,4 +1,4 @@
-"""Algorithms as specs (train/losses/spec.py): the registry is what the config accepts, a loss
+"""Algorithms as specs (qrpo/train/losses/spec.py): the registry is what the config accepts, a loss
 registered through the public path trains, and the loop honours each spec's extras (KTO's
 mismatched pairs, QRPO's transforms and partition forms)."""
 
@@ -9,13 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from common.config import ConfigError, build_config
-from common.model import load_model
-from kernels.sequence_model import SequenceLogprobModel, sequence_logps
-from tests.train.tiny_runs import train_config
-from train.config import TrainConfig
-from train.examples import global_batch_indices
-from train.losses import (
+from qrpo.common.config import ConfigError, build_config
+from qrpo.common.model import load_model
+from qrpo.kernels.sequence_model import SequenceLogprobModel, sequence_logps
+from qrpo.train.config import TrainConfig
+from qrpo.train.examples import global_batch_indices
+from qrpo.train.losses import (
     Algorithm,
     LossInputs,
     algorithm_names,
@@ -23,7 +22,8 @@ from train.losses import (
     register_algorithm,
     unregister_algorithm,
 )
-from train.train import load_examples, train
+from qrpo.train.train import load_examples, train
+from tests.train.tiny_runs import train_config
 
 BUILT_IN = {"sft", "qrpo", "dpo", "simpo", "rebel", "kto", "dro", "rpo_partition"}
 
@@ -108,7 +108,7 @@ def test_a_registered_loss_trains_and_logs_its_formula(tmp_path, data_files, toy
 
 
 def test_kto_reference_point_uses_mismatched_pairs(tmp_path, data_files):
-    from train.examples import mismatched
+    from qrpo.train.examples import mismatched
 
     cfg = train_config(tmp_path, data_files["grouped"], "kto")
     examples, _ = load_examples(cfg)

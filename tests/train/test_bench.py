@@ -1,4 +1,4 @@
-"""`python -m train.bench` end to end on a tiny workload, through the same code path as the real
+"""`python -m qrpo.train.bench` end to end on a tiny workload, through the same code path as the real
 run (a preparation process, then one process per system): every system reports throughput,
 memory and MFU, our loop's logged MFU agrees with the bench's, the precomputed reference passes
 the loop's step-0 check, TRL counts the same tokens as we do, and the table, JSON and chart exist.
@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from common.config import ConfigError, build_config
-from common.tokenize import encode_completion, encode_prompt
-from train.bench import run
-from train.bench_report import goals, plot, table
-from train.bench_workload import (
+from qrpo.common.config import ConfigError, build_config
+from qrpo.common.tokenize import encode_completion, encode_prompt
+from qrpo.train.bench import run
+from qrpo.train.bench_report import goals, plot, table
+from qrpo.train.bench_workload import (
     BenchConfig,
     pair_tokens,
     resolve,

@@ -30,8 +30,8 @@ CASES = [
 def test_bad_data_stops_the_cli_before_any_model(
     tmp_path, monkeypatch, capsys, name, algorithm, where
 ):
-    import train.train as loop
-    from train.__main__ import main
+    import qrpo.train.train as loop
+    from qrpo.train.__main__ import main
 
     monkeypatch.setattr(loop, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
     run = tmp_path / "run"
@@ -63,7 +63,7 @@ def test_the_issue_case_in_a_fresh_process(tmp_path):
         [
             sys.executable,
             "-m",
-            "train",
+            "qrpo.train",
             "--config",
             "configs/train/dpo_tiny.yaml",
             "model.name_or_path=tiny",

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from common.tiny import TASK
+from qrpo.common.tiny import TASK
 
 ROOT = Path(__file__).resolve().parents[2]
 STEPS = 4
@@ -31,7 +31,7 @@ def _data(path: Path) -> str:
 def _args(data: str, run_dir: Path) -> list[str]:
     return [
         "-m",
-        "train",
+        "qrpo.train",
         f"data.path={data}",
         "data.max_length=48",
         "loss.algorithm=qrpo",
@@ -86,7 +86,7 @@ def test_fsdp2_two_processes_match_one_and_resume_from_a_sharded_checkpoint(tmp_
     # reached the sharded (tied) embedding.
     from safetensors.torch import load_file
 
-    from common.tiny import ensure_tiny
+    from qrpo.common.tiny import ensure_tiny
 
     start = load_file(ensure_tiny() / "model.safetensors")
     a = load_file(one / "final" / "model.safetensors")

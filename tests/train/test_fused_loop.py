@@ -11,16 +11,16 @@ import random
 import pytest
 import torch
 
-import kernels
-import kernels.fused_head
-from common.config import build_config
-from common.model import load_model
-from common.packing import collate
-from common.tiny import TASK
-from kernels.sequence_model import SequenceLogprobModel
-from train.config import TrainConfig
-from train.fused import fused_head_applies
-from train.train import load_examples, micro_batch_loss
+import qrpo.kernels.fused_head
+from qrpo import kernels
+from qrpo.common.config import build_config
+from qrpo.common.model import load_model
+from qrpo.common.packing import collate
+from qrpo.common.tiny import TASK
+from qrpo.kernels.sequence_model import SequenceLogprobModel
+from qrpo.train.config import TrainConfig
+from qrpo.train.fused import fused_head_applies
+from qrpo.train.train import load_examples, micro_batch_loss
 
 
 def _rows(pairs: bool) -> list[dict]:
@@ -99,8 +99,8 @@ def test_fused_micro_batch_equals_two_pass(tmp_path, monkeypatch, models, algori
     vocab = policy.model.get_output_embeddings().weight.shape[0]
     # 12-token chunks: the micro-batch spans several (completions have 5-7 tokens); a pair
     # longer than 12 tokens takes the two-pass fallback.
-    monkeypatch.setitem(kernels.fused_head.MAX_LOGITS_ELEMENTS, "cpu", 12 * vocab)
-    assert len(kernels.fused_head.plan_chunks(batch.host_score_cu_seqlens, 2, 12)) > 2
+    monkeypatch.setitem(qrpo.kernels.fused_head.MAX_LOGITS_ELEMENTS, "cpu", 12 * vocab)
+    assert len(qrpo.kernels.fused_head.plan_chunks(batch.host_score_cu_seqlens, 2, 12)) > 2
 
     calls = []
     fused_head_loss = kernels.fused_head_loss
@@ -139,7 +139,7 @@ def test_fused_training_run_equals_two_pass(tmp_path):
     gradient norms (several micro-batches per step, randomized quantiles)."""
     import json
 
-    from train.train import train
+    from qrpo.train.train import train
 
     logs = []
     for fused in (False, True):

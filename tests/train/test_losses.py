@@ -1,4 +1,4 @@
-"""Tests for train/losses: each loss against its formula written out here in plain Python.
+"""Tests for qrpo/train/losses: each loss against its formula written out here in plain Python.
 
 Expected values are computed per example with `math` on Python floats, and gradients are the
 hand-derived analytic derivatives of each formula, never the same tensor code as the losses.
@@ -10,6 +10,17 @@ import math
 import pytest
 import torch
 
+from qrpo.train.losses import (
+    dpo_loss,
+    dro_loss,
+    kto_loss,
+    rebel_loss,
+    rpo_partition_loss,
+    rpo_partition_values,
+    sft_loss,
+    simpo_loss,
+    zscore,
+)
 from tests.train.loss_checks import (
     F64,
     assert_metrics_detached,
@@ -21,17 +32,6 @@ from tests.train.loss_checks import (
     ref_of,
     sigmoid,
     tensor,
-)
-from train.losses import (
-    dpo_loss,
-    dro_loss,
-    kto_loss,
-    rebel_loss,
-    rpo_partition_loss,
-    rpo_partition_values,
-    sft_loss,
-    simpo_loss,
-    zscore,
 )
 
 FORMULAS = {

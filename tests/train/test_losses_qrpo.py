@@ -1,4 +1,4 @@
-"""QRPO's trainer loss (train/losses/qrpo.py, through kernels.qrpo_loss) against its formula
+"""QRPO's trainer loss (qrpo/train/losses/qrpo.py, through kernels.qrpo_loss) against its formula
 written out in plain Python: quantiles, beta log Z, length-normalised beta, partition forms."""
 
 import math
@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+from qrpo.train.losses import qrpo_trainer_loss
 from tests.train.loss_checks import (
     F64,
     assert_metrics_detached,
@@ -15,7 +16,6 @@ from tests.train.loss_checks import (
     identity_beta_logz,
     tensor,
 )
-from train.losses import qrpo_trainer_loss
 
 # --- QRPO (through kernels.qrpo_loss) -----------------------------------------------------------
 
@@ -145,8 +145,8 @@ def test_qrpo_partition_forms_reach_the_target():
 
 
 def test_qrpo_partition_is_a_checked_config_override():
-    from common.config import ConfigError, build_config
-    from train.config import TrainConfig
+    from qrpo.common.config import ConfigError, build_config
+    from qrpo.train.config import TrainConfig
 
     cfg = build_config(TrainConfig, None, ["loss.partition=finite_k"])
     assert (cfg.loss.partition, TrainConfig().loss.partition) == ("finite_k", "closed_form")

@@ -6,10 +6,10 @@ import random
 
 import pytest
 
-from common.config import ConfigError, build_config
-from common.tiny import TASK
-from train.config import TrainConfig
-from train.train import train
+from qrpo.common.config import ConfigError, build_config
+from qrpo.common.tiny import TASK
+from qrpo.train.config import TrainConfig
+from qrpo.train.train import train
 
 
 def _data(path):

@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from common.config import ConfigError, build_config
-from common.tiny import TASK
-from train.config import TrainConfig
-from train.resume import HISTORY, apply_new_values
-from train.train import train
+from qrpo.common.config import ConfigError, build_config
+from qrpo.common.tiny import TASK
+from qrpo.train.config import TrainConfig
+from qrpo.train.resume import HISTORY, apply_new_values
+from qrpo.train.train import train
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +67,7 @@ def _snapshot(run_dir: Path) -> dict:
 
 @pytest.fixture
 def no_model(monkeypatch):
-    import train.train as loop
+    import qrpo.train.train as loop
 
     def load_model(*args, **kwargs):
         raise AssertionError("a model was loaded although the run had to stop")
@@ -88,7 +88,7 @@ def test_changed_lr_stops_and_force_applies_it_from_the_next_step(tmp_path, data
 
     # auto: stop before any model is loaded, every key that changes the run named old -> new,
     # and nothing in the run directory touched.
-    import train.train as loop
+    import qrpo.train.train as loop
 
     real_load_model = loop.load_model
     monkeypatch.setattr(loop, "load_model", lambda *a, **k: pytest.fail("model loaded"))
@@ -169,7 +169,7 @@ def test_allowed_changes_resume_bitwise(tmp_path, data):
 def test_schedule_length_changes_are_judged_by_the_steps_done(tmp_path, data):
     run = tmp_path / "run"
     # 16 examples / 4 per step: 4 steps an epoch. A cap past the end of the data does not bind.
-    from train.resume import plan_resume
+    from qrpo.train.resume import plan_resume
 
     base = _cfg(run, data, "run.epochs=1", "run.max_steps=3")
     (run / "checkpoints" / "step_00000002").mkdir(parents=True)
@@ -177,7 +177,7 @@ def test_schedule_length_changes_are_judged_by_the_steps_done(tmp_path, data):
         json.dumps({"step": 2, "examples": 16})
     )
     (run / "checkpoints" / "latest").write_text("step_00000002")
-    from common.config import save_config
+    from qrpo.common.config import save_config
 
     save_config(base, run)
     # cosine over 3 steps vs 4 steps: the two steps done had other learning rates.
@@ -196,7 +196,7 @@ def test_never_refuses_a_used_run_directory(tmp_path, data, no_model):
     run = tmp_path / "run"
     (run / "slurm").mkdir(parents=True)  # the launcher's own folder alone is still fresh
     (run / "slurm" / "train.yaml").write_text("{}")
-    from train.resume import plan_resume
+    from qrpo.train.resume import plan_resume
 
     assert plan_resume(_cfg(run, data, "run.resume=never"), 16, 4).checkpoint is None
     (run / "metrics.jsonl").write_text("")
@@ -205,7 +205,7 @@ def test_never_refuses_a_used_run_directory(tmp_path, data, no_model):
 
 
 def test_the_cli_stops_with_one_message_and_no_traceback(tmp_path, data, capsys, no_model):
-    from train.__main__ import main
+    from qrpo.train.__main__ import main
 
     run = tmp_path / "run"
     run.mkdir()
@@ -223,7 +223,7 @@ def test_the_cli_stops_with_one_message_and_no_traceback(tmp_path, data, capsys,
 
 
 def test_the_slurm_launcher_checks_never_before_it_submits(tmp_path, data, capsys):
-    from slurm.train import main
+    from qrpo.slurm.train import main
 
     run = tmp_path / "run"
     args = [f"data.path={data}", "loss.algorithm=sft", "run.global_batch=2", f"run.run_dir={run}"]

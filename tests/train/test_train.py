@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from common.data import DataError
-from common.packing import collate, pack
-from kernels.sequence_model import SequenceLogprobModel, sequence_logps
+from qrpo.common.data import DataError
+from qrpo.common.packing import collate, pack
+from qrpo.kernels.sequence_model import SequenceLogprobModel, sequence_logps
+from qrpo.train.train import TrainingError, load_examples, train
 from tests.train.tiny_runs import logged_losses, train_config, write_jsonl
-from train.train import TrainingError, load_examples, train
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -56,7 +56,7 @@ def test_every_algorithm_lowers_its_loss(tmp_path, data_files, algorithm, data, 
 
 
 def test_packed_logps_equal_each_sequence_alone(tmp_path, data_files):
-    from common.model import load_model
+    from qrpo.common.model import load_model
 
     cfg = train_config(tmp_path, data_files["grouped"], "qrpo")
     examples, _ = load_examples(cfg)
@@ -72,7 +72,7 @@ def test_packed_logps_equal_each_sequence_alone(tmp_path, data_files):
 
 
 def test_precomputed_and_on_the_fly_reference_agree(tmp_path, data_files):
-    from common.model import load_model
+    from qrpo.common.model import load_model
 
     cfg = train_config(
         tmp_path / "a",
@@ -121,7 +121,7 @@ def test_precomputed_and_on_the_fly_reference_agree(tmp_path, data_files):
 
 
 def test_bad_data_stops_before_any_model_is_loaded(tmp_path, monkeypatch):
-    import train.train as loop
+    import qrpo.train.train as loop
 
     def no_model(*args, **kwargs):
         raise AssertionError("a model was loaded before the data was checked")
@@ -160,7 +160,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, data
     )
     with pytest.raises(TrainingError, match=r"non-finite loss .* at step (\d+)") as info:
         train(cfg)
-    from train.checkpoint import latest_checkpoint
+    from qrpo.train.checkpoint import latest_checkpoint
 
     step = int(str(info.value).split("at step ")[1].split(":")[0])
     last = latest_checkpoint(cfg.run.run_dir)
@@ -171,7 +171,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, data
 def _cli(tmp_path: Path, data: str, *extra: str) -> list[str]:
     return [
         "-m",
-        "train",
+        "qrpo.train",
         f"data.path={data}",
         "data.max_length=48",
         "loss.algorithm=qrpo",
@@ -304,7 +304,7 @@ def test_two_processes_match_one(tmp_path, data_files):
     )
     from safetensors.torch import load_file
 
-    from common.tiny import ensure_tiny
+    from qrpo.common.tiny import ensure_tiny
 
     start = load_file(ensure_tiny() / "model.safetensors")
     a = load_file(one / "final" / "model.safetensors")

@@ -5,9 +5,9 @@ import json
 import random
 from pathlib import Path
 
-from common.config import build_config
-from common.tiny import TASK
-from train.config import TrainConfig
+from qrpo.common.config import build_config
+from qrpo.common.tiny import TASK
+from qrpo.train.config import TrainConfig
 
 
 def grouped_rows(n_prompts: int, k: int, seed: int = 0) -> list[dict]:

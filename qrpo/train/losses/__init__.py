@@ -19,16 +19,16 @@ so a new loss is one new file in this folder that ends with `register_algorithm(
 import importlib
 import pkgutil
 
-from train.losses.common import zscore
-from train.losses.dpo import dpo_loss
-from train.losses.dro import dro_loss
-from train.losses.kto import kto_loss
-from train.losses.qrpo import qrpo_trainer_loss
-from train.losses.rebel import rebel_loss
-from train.losses.rpo_partition import rpo_partition_loss, rpo_partition_values
-from train.losses.sft import sft_loss
-from train.losses.simpo import simpo_loss
-from train.losses.spec import (
+from qrpo.train.losses.common import zscore
+from qrpo.train.losses.dpo import dpo_loss
+from qrpo.train.losses.dro import dro_loss
+from qrpo.train.losses.kto import kto_loss
+from qrpo.train.losses.qrpo import qrpo_trainer_loss
+from qrpo.train.losses.rebel import rebel_loss
+from qrpo.train.losses.rpo_partition import rpo_partition_loss, rpo_partition_values
+from qrpo.train.losses.sft import sft_loss
+from qrpo.train.losses.simpo import simpo_loss
+from qrpo.train.losses.spec import (
     Algorithm,
     LossInputs,
     algorithm_names,

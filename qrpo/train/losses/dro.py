@@ -3,8 +3,8 @@ arXiv 2405.19107), the DRO-V variant."""
 
 from torch import Tensor
 
-from train.losses.common import as_float, zscore_rewards
-from train.losses.spec import Algorithm, LossInputs, register_algorithm
+from qrpo.train.losses.common import as_float, zscore_rewards
+from qrpo.train.losses.spec import Algorithm, LossInputs, register_algorithm
 
 
 def dro_loss(

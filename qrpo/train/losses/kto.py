@@ -3,8 +3,8 @@
 import torch
 from torch import Tensor
 
-from train.losses.common import as_float
-from train.losses.spec import Algorithm, LossInputs, register_algorithm
+from qrpo.train.losses.common import as_float
+from qrpo.train.losses.spec import Algorithm, LossInputs, register_algorithm
 
 
 def kto_loss(

@@ -10,8 +10,8 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
-from train.losses.common import as_float, token_counts
-from train.losses.spec import Algorithm, LossInputs, register_algorithm
+from qrpo.train.losses.common import as_float, token_counts
+from qrpo.train.losses.spec import Algorithm, LossInputs, register_algorithm
 
 # Metric name -> the names the kernel's stats may use for it (attributes or mapping keys).
 _STATS = {
@@ -82,7 +82,7 @@ def qrpo_trainer_loss(
         "qrpo/target" (target log-ratio), "qrpo/residual", "qrpo/log_ratio" (policy minus
         reference), "qrpo/beta" (effective beta), "logps/policy", "logps/ref".
     """
-    from kernels import qrpo_loss as fused_qrpo_loss  # lazy: kernels pulls in Triton
+    from qrpo.kernels import qrpo_loss as fused_qrpo_loss  # lazy: kernels pulls in Triton
 
     policy = as_float(logps)
     ref = as_float(ref_logps).detach()

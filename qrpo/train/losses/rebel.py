@@ -2,8 +2,8 @@
 
 from torch import Tensor
 
-from train.losses.common import as_float
-from train.losses.spec import Algorithm, LossInputs, chosen_and_rejected, register_algorithm
+from qrpo.train.losses.common import as_float
+from qrpo.train.losses.spec import Algorithm, LossInputs, chosen_and_rejected, register_algorithm
 
 
 def rebel_loss(

@@ -9,8 +9,8 @@ import math
 import torch
 from torch import Tensor
 
-from train.losses.common import as_float, token_counts, zscore_rewards
-from train.losses.spec import Algorithm, LossInputs, register_algorithm
+from qrpo.train.losses.common import as_float, token_counts, zscore_rewards
+from qrpo.train.losses.spec import Algorithm, LossInputs, register_algorithm
 
 
 def rpo_partition_values(

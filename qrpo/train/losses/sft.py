@@ -2,8 +2,8 @@
 
 from torch import Tensor
 
-from train.losses.common import as_float
-from train.losses.spec import Algorithm, LossInputs, register_algorithm
+from qrpo.train.losses.common import as_float
+from qrpo.train.losses.spec import Algorithm, LossInputs, register_algorithm
 
 
 def sft_loss(logps: Tensor, num_tokens: Tensor) -> tuple[Tensor, dict[str, Tensor]]:

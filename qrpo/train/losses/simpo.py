@@ -4,8 +4,8 @@ arXiv 2405.14734)."""
 import torch.nn.functional as F
 from torch import Tensor
 
-from train.losses.common import as_float, token_counts
-from train.losses.spec import Algorithm, LossInputs, chosen_and_rejected, register_algorithm
+from qrpo.train.losses.common import as_float, token_counts
+from qrpo.train.losses.spec import Algorithm, LossInputs, chosen_and_rejected, register_algorithm
 
 
 def simpo_loss(

@@ -1,9 +1,9 @@
 """What a training algorithm is, in one place: the `Algorithm` spec and the registry.
 
-Config validation (train/config.py), example building (train/examples.py), the loop (train/train.py,
-train/fused.py) and the SLURM launcher (slurm/train.py) read an algorithm's spec instead of
+Config validation (qrpo/train/config.py), example building (qrpo/train/examples.py), the loop (qrpo/train/train.py,
+qrpo/train/fused.py) and the SLURM launcher (qrpo/slurm/train.py) read an algorithm's spec instead of
 comparing its name. Each loss module of this package ends with `register_algorithm(Algorithm(...))`;
-train/losses/__init__.py imports every module of the package, so a new loss is one new file here
+qrpo/train/losses/__init__.py imports every module of the package, so a new loss is one new file here
 (and its test): every entry point, including the processes `accelerate launch` starts, knows it.
 """
 
@@ -16,8 +16,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from common.config import ConfigError, choice_error
-from common.packing import Batch, Sequence
+from qrpo.common.config import ConfigError, choice_error
+from qrpo.common.packing import Batch, Sequence
 
 
 @dataclass
@@ -73,7 +73,7 @@ class Algorithm:
     # The loop reduces sum(loss) / len(global batch); token_mean: sum(loss) / its completion tokens.
     token_mean: bool = False
     # The loss depends on each sequence only through its own log-prob or its pair's, so the
-    # fused head+loss pass (train/fused.py) may compute it chunk by chunk.
+    # fused head+loss pass (qrpo/train/fused.py) may compute it chunk by chunk.
     fused_head: bool = False
     # LossInputs.values: a per-prompt value table trained with the policy (learned_values, at
     # loss.value_lr), or fixed values computed once before training by
