@@ -5,7 +5,8 @@
 # and `bash run.sh setup`, which only sets up (CI uses it to print the versions first).
 #
 # Set-up makes a virtual environment and installs this project into it, editable, with its dev
-# extra (pyproject.toml holds the dependency ranges). The venv is keyed by the hash of
+# and bench extras (pyproject.toml holds the dependency ranges; bench brings TRL, the training
+# bench's baseline, so its tests run). The venv is keyed by the hash of
 # pyproject.toml, constraints-cpu.txt and this checkout's path, so a change of dependencies builds
 # a new one and another clone never runs this clone's code. QRPO_VENV names the venv instead;
 # QRPO_FRESH_VENV=1 rebuilds it, taking the newest versions the ranges allow today.
@@ -20,7 +21,7 @@ if [ "${QRPO_FRESH_VENV:-0}" = 1 ] || [ ! -x "$venv/bin/python" ] || [ ! -f "$ve
   constraints=()
   if ! command -v nvidia-smi >/dev/null 2>&1; then constraints=(-c constraints-cpu.txt); fi
   "$venv/bin/python" -m pip install -q --upgrade pip
-  "$venv/bin/python" -m pip install -q -e ".[dev]" "${constraints[@]}"
+  "$venv/bin/python" -m pip install -q -e ".[dev,bench]" "${constraints[@]}"
   touch "$venv/.complete"
 fi
 export PATH="$venv/bin:$PATH" HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false

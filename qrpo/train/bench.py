@@ -13,6 +13,14 @@ Systems (`systems=[...]`), each run in its own subprocess so that peak memory is
     ours_qrpo_reference    our loop, QRPO, reference model on the fly
     trl_dpo                trl.DPOTrainer, gradient checkpointing off, otherwise its defaults
                            (its reference model runs on the fly); skipped when trl is missing
+    trl_dpo_precomputed    the same with precompute_ref_log_probs=True: TRL's reference
+                           log-probs in one untimed pass before training (the peer of ours_*_precomputed)
+
+TRL 1.16 already computes its log-probs from the LM head in tiles (its own Triton kernel), so
+both sides run without full logits. Hub kernels are off on both sides (`use_kernels=False`):
+what is timed is the code each project ships, not layers downloaded at load. `padding_free` is
+a no-op in TRL's DPO, and Liger's fused loss is refused there, so these two rows are TRL's fastest
+documented setups that run without flash-attn.
 
 Every system trains the same randomly initialised Llama-config model (built here, fixed seed, no
 hub) on the same synthetic pairs (fixed seed) with the same global batch, for `warmup` + `steps`
@@ -26,7 +34,9 @@ device sync); the measured time is from the end of the last warm-up step to the 
 step, so it covers whole step periods (data, forward, backward, optimizer, logging). Tokens are all
 real prompt+completion tokens of both sequences of each pair (no padding): from our loop's
 `metrics.jsonl` (tokens_per_s * step_s per step) and from TRL's logged `num_tokens` (sum of the
-attention mask). MFU = tokens/s * FLOP/token / peak, with `qrpo.common.flops.train_flops_per_token`
+attention mask). The headline is the median step's tokens/s (robust to a run's few slow steps, which
+a long run makes rare); the total over all measured steps is beside it, and the goals use the
+median against the fastest TRL row. MFU = tokens/s * FLOP/token / peak, with `qrpo.common.flops.train_flops_per_token`
 (6N, plus 2N with an on-the-fly reference) and a matmul peak measured on this device in the
 compute dtype before any system runs (`qrpo.common.flops.measure_peak_tflops`, best of three); our
 loop gets the same peak (`run.peak_tflops`), so the MFU it logs differs from the bench's only by
@@ -53,7 +63,15 @@ from pathlib import Path
 
 from qrpo.common.config import ConfigError, parse_config, save_config
 from qrpo.common.constants import SOURCE_ROOT
-from qrpo.train.bench_report import StepClock, goals, plot, table, throughput
+from qrpo.train.bench_report import (
+    StepClock,
+    fastest_trl,
+    goals,
+    is_trl,
+    plot,
+    table,
+    throughput,
+)
 from qrpo.train.bench_workload import (
     OUR_SYSTEMS,
     BenchConfig,
@@ -102,16 +120,16 @@ def run_child(cfg: BenchConfig) -> None:
 
     meta = json.loads((Path(cfg.out) / "work" / "meta.json").read_text())
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if cfg.system == "trl_dpo":
+    if is_trl(cfg.system):
         from qrpo.train.bench_trl import run_trl
 
-        result = run_trl(cfg, meta)
+        result = run_trl(cfg, meta, cfg.system)
     else:
         result = run_ours(cfg, cfg.system, meta)
     result["peak_memory_gb"] = peak_memory_gb(device)
-    result["mfu"] = (
-        result["tokens_per_s"] * result["flops_per_token"] / (meta["peak_tflops"] * 1e12)
-    )
+    flops_per_s = result["flops_per_token"] / (meta["peak_tflops"] * 1e12)
+    result["mfu"] = result["tokens_per_s"] * flops_per_s
+    result["median_mfu"] = result["median_step_tokens_per_s"] * flops_per_s
     path = Path(cfg.out) / "systems" / cfg.system / "result.json"
     path.write_text(json.dumps({"system": cfg.system, "status": "ok", **result}, indent=1))
 
@@ -175,7 +193,7 @@ def run(cfg: BenchConfig) -> dict:
     for system in cfg.systems:
         sys_dir = out / "systems" / system
         shutil.rmtree(sys_dir, ignore_errors=True)
-        if system == "trl_dpo" and not _have("trl"):
+        if is_trl(system) and not _have("trl"):
             results.append({"system": system, "status": "skipped", "note": "trl not installed"})
             print(f"bench: {system} skipped (trl not installed)", flush=True)
             continue
@@ -197,10 +215,11 @@ def run(cfg: BenchConfig) -> dict:
             )
         results.append(result)
 
-    trl = next((r for r in results if r["system"] == "trl_dpo" and r["status"] == "ok"), None)
+    trl = fastest_trl(results)
     for r in results:
         if r["status"] == "ok" and trl is not None:
-            r["ratio_to_trl"] = r["tokens_per_s"] / trl["tokens_per_s"]
+            r["ratio_to_trl"] = r["median_step_tokens_per_s"] / trl["median_step_tokens_per_s"]
+            r["trl_peer"] = trl["system"]
     report = {
         "config": dataclasses.asdict(cfg),
         "device": meta["device"],

@@ -50,13 +50,15 @@ def throughput(stamps: list[float], tokens: list[int], warmup: int) -> dict:
     steps = len(stamps) - warmup
     times = [b - a for a, b in zip(stamps[warmup - 1 :], stamps[warmup:])]
     return {
-        "tokens_per_s": measured / period,
-        "step_s": period / steps,
-        "step_spread": max(times) / min(times),  # well above 1: the machine was busy
-        # Robust to a disturbed step (JSON only; the headline figure is the total above).
+        # The headline: a steady step's throughput. A few slow steps (a new padded shape, a
+        # recompile) weigh on the total in proportion to how short the run is; in a long run
+        # they become rare, so the median step is what a user gets.
         "median_step_tokens_per_s": statistics.median(
             k / t for k, t in zip(tokens[warmup:], times)
         ),
+        "tokens_per_s": measured / period,  # all measured tokens over all measured time
+        "step_s": period / steps,
+        "step_spread": max(times) / min(times),  # well above 1: the machine was busy
         "measured_steps": steps,
         "measured_tokens": measured,
         "total_tokens": sum(tokens),
@@ -65,25 +67,40 @@ def throughput(stamps: list[float], tokens: list[int], warmup: int) -> dict:
     }
 
 
+def is_trl(name: str) -> bool:
+    return name.startswith("trl_")
+
+
+def fastest_trl(results: list[dict]) -> dict | None:
+    """The TRL row our goals are set against: the highest median step throughput."""
+    rows = [r for r in results if is_trl(r["system"]) and r["status"] == "ok"]
+    return max(rows, key=lambda r: r["median_step_tokens_per_s"], default=None)
+
+
 def goals(cfg: BenchConfig, results: list[dict]) -> list[dict]:
-    """The targets the issue sets, checked on this run (printed, not asserted)."""
+    """The targets the issues set, checked on this run by the median step (printed, not
+    asserted)."""
     ok = {r["system"]: r for r in results if r["status"] == "ok"}
+    ours = [r for r in ok.values() if not is_trl(r["system"])]
+    trl = fastest_trl(results)
     out = []
 
     def goal(text: str, met: bool | None):
         if met is not None:
             out.append({"goal": text, "met": bool(met)})
 
-    dpo, trl = ok.get("ours_dpo"), ok.get("trl_dpo")
+    def median(r: dict) -> float:
+        return r["median_step_tokens_per_s"]
+
+    dpo = ok.get("ours_dpo")
     if cfg.workload == "cpu" and dpo:
-        goal(
-            f"ours_dpo >= 700 tokens/s (got {dpo['tokens_per_s']:.0f})", dpo["tokens_per_s"] >= 700
-        )
+        goal(f"ours_dpo >= 700 tokens/s (got {median(dpo):.0f})", median(dpo) >= 700)
         goal(
             f"ours_dpo peak RSS <= 1.5 GB (got {dpo['peak_memory_gb']:.2f})",
             dpo["peak_memory_gb"] <= 1.5,
         )
-    # Against TRL: 8x on the CPU workload (the CPU issue's target); on the GPU, issue 13's targets.
+    # Against the fastest TRL row: 8x on the CPU workload (the CPU issue's target); on the GPU,
+    # the GPU issue's targets.
     want = (
         {"ours_dpo": 8.0}
         if cfg.workload == "cpu"
@@ -91,15 +108,17 @@ def goals(cfg: BenchConfig, results: list[dict]) -> list[dict]:
     )
     for name, times in want.items():
         if name in ok and trl:
-            ratio = ok[name]["tokens_per_s"] / trl["tokens_per_s"]
-            goal(f"{name} >= {times:g}x trl_dpo tokens/s (got {ratio:.2f}x)", ratio >= times)
+            ratio = median(ok[name]) / median(trl)
+            goal(f"{name} >= {times:g}x {trl['system']} (got {ratio:.2f}x)", ratio >= times)
     if cfg.workload == "gpu":
-        for r in ok.values():
-            if r["system"] != "trl_dpo":
-                goal(f"{r['system']} MFU >= 40% (got {100 * r['mfu']:.1f}%)", r["mfu"] >= 0.4)
-            if trl and r["system"] != "trl_dpo":
+        for r in ours:
+            goal(
+                f"{r['system']} MFU >= 60% (got {100 * r['median_mfu']:.1f}%)",
+                r["median_mfu"] >= 0.6,
+            )
+            if trl:
                 goal(
-                    f"{r['system']} peak memory <= trl_dpo's ({r['peak_memory_gb']:.1f} vs "
+                    f"{r['system']} peak memory <= {trl['system']}'s ({r['peak_memory_gb']:.1f} vs "
                     f"{trl['peak_memory_gb']:.1f} GB)",
                     r["peak_memory_gb"] <= trl["peak_memory_gb"],
                 )
@@ -107,8 +126,8 @@ def goals(cfg: BenchConfig, results: list[dict]) -> list[dict]:
     if pre and ref:
         goal(
             f"QRPO precomputed faster than on-the-fly reference "
-            f"({pre['tokens_per_s']:.0f} vs {ref['tokens_per_s']:.0f} tokens/s)",
-            pre["tokens_per_s"] > ref["tokens_per_s"],
+            f"({median(pre):.0f} vs {median(ref):.0f} tokens/s)",
+            median(pre) > median(ref),
         )
     for r in ok.values():
         if "loop_mfu" in r:
@@ -121,11 +140,16 @@ def goals(cfg: BenchConfig, results: list[dict]) -> list[dict]:
 
 
 def table(results: list[dict]) -> str:
-    head = "| system | reference | tokens/s | s/step | peak mem GB | MFU | loop MFU | vs TRL |"
-    lines = [head, "|" + "---|" * 8]
+    """Median step first (the headline), the total beside it; "vs TRL" is against the fastest
+    TRL row, by the median."""
+    head = (
+        "| system | reference | median step tokens/s | total tokens/s | s/step | peak mem GB "
+        "| median MFU | loop MFU | vs fastest TRL |"
+    )
+    lines = [head, "|" + "---|" * 9]
     for r in results:
         if r["status"] != "ok":
-            lines.append(f"| {r['system']} | {r['status']}: {r.get('note', '')[:60]} |||||||")
+            lines.append(f"| {r['system']} | {r['status']}: {r.get('note', '')[:60]} ||||||||")
             continue
 
         def pct(x):
@@ -133,8 +157,9 @@ def table(results: list[dict]) -> str:
 
         ratio = r.get("ratio_to_trl")
         lines.append(
-            f"| {r['system']} | {r['reference']} | {r['tokens_per_s']:.0f} | {r['step_s']:.3f} | "
-            f"{r['peak_memory_gb']:.2f} | {pct(r['mfu'])} | {pct(r.get('loop_mfu'))} | "
+            f"| {r['system']} | {r['reference']} | {r['median_step_tokens_per_s']:.0f} | "
+            f"{r['tokens_per_s']:.0f} | {r['step_s']:.3f} | {r['peak_memory_gb']:.2f} | "
+            f"{pct(r['median_mfu'])} | {pct(r.get('loop_mfu'))} | "
             f"{f'{ratio:.2f}x' if ratio else '-'} |"
         )
     return "\n".join(lines)
@@ -148,13 +173,13 @@ def plot(results: list[dict], path: Path, title: str = "") -> None:
 
     ok = [r for r in results if r["status"] == "ok"]
     panels = [
-        ("tokens/s (after warm-up)", [r["tokens_per_s"] for r in ok], "{:.0f}"),
+        ("median step tokens/s", [r["median_step_tokens_per_s"] for r in ok], "{:.0f}"),
         ("peak memory (GB)", [r["peak_memory_gb"] for r in ok], "{:.2f}"),
-        ("MFU (%)", [100 * r["mfu"] for r in ok], "{:.1f}"),
+        ("median step MFU (%)", [100 * r["median_mfu"] for r in ok], "{:.1f}"),
     ]
     fig, axes = plt.subplots(1, 3, figsize=(15, 0.6 * max(len(ok), 1) + 1.6), squeeze=False)
     names = [r["system"] for r in ok]
-    colors = ["tab:gray" if n.startswith("trl") else "tab:blue" for n in names]
+    colors = ["tab:gray" if is_trl(n) else "tab:blue" for n in names]
     for ax, (label, values, fmt) in zip(axes[0], panels):
         bars = ax.barh(names, values, color=colors)
         ax.bar_label(bars, [fmt.format(v) for v in values], padding=3, fontsize=8)

@@ -16,15 +16,17 @@ from pathlib import Path
 import torch
 
 
-def run_trl(cfg, meta: dict) -> dict:
+def run_trl(cfg, meta: dict, system: str) -> dict:
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
     from qrpo.common.attention import choose_attention
     from qrpo.train.bench_report import StepClock, throughput
+    from qrpo.train.bench_workload import TRL_SYSTEMS
 
-    work, sys_dir = Path(cfg.out) / "work", Path(cfg.out) / "systems" / "trl_dpo"
+    work, sys_dir = Path(cfg.out) / "work", Path(cfg.out) / "systems" / system
+    precomputed = TRL_SYSTEMS[system].get("precompute_ref_log_probs", False)
     cuda = torch.cuda.is_available()
     rows = [json.loads(x) for x in (work / "pairs.jsonl").read_text().splitlines() if x]
     dataset = Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows])
@@ -57,6 +59,7 @@ def run_trl(cfg, meta: dict) -> dict:
         logging_steps=1,
         seed=cfg.seed,
         model_init_kwargs={"use_kernels": False},
+        **TRL_SYSTEMS[system],
     )
 
     class TokenCounter(TrainerCallback):
@@ -79,8 +82,11 @@ def run_trl(cfg, meta: dict) -> dict:
     )
     if getattr(trainer.args, "activation_checkpointing", trainer.args.gradient_checkpointing):
         raise RuntimeError("TRL's gradient checkpointing is on: the bench runs it off")
-    if trainer.ref_model is None:
-        raise RuntimeError("TRL built no reference model: the comparison assumes one on the fly")
+    if (trainer.ref_model is None) != precomputed:
+        raise RuntimeError(
+            f"{system}: TRL {'built no' if trainer.ref_model is None else 'built a'} reference "
+            f"model, but the system assumes {'precomputed' if precomputed else 'on the fly'}"
+        )
     with StepClock() as clock:
         trainer.train()
     steps = sorted(counter.cumulative)
@@ -89,8 +95,8 @@ def run_trl(cfg, meta: dict) -> dict:
     totals = [0] + [counter.cumulative[s] for s in steps]
     tokens = [b - a for a, b in zip(totals, totals[1:])]
     return {
-        "reference": "on the fly",
-        "flops_per_token": meta["flops_per_token"]["with_reference"],
+        "reference": "precomputed" if precomputed else "on the fly",
+        "flops_per_token": meta["flops_per_token"]["policy" if precomputed else "with_reference"],
         "trl_attention": attn,
         **throughput(clock.stamps, tokens, cfg.warmup),
     }

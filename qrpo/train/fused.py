@@ -8,9 +8,13 @@ fused and the two-pass paths give the same loss and gradients (tests/train/test_
 KTO (its reference point is estimated from other completions), DRO (its value table is a
 trainable parameter of the loss) and reward partitioning take the two-pass path.
 
-Setting: `loss.fused_head` null (default) = on with CUDA where the algorithm allows, off on CPU,
-where the torch backend's two passes are faster than holding a chunk's logits; true = on where
-the algorithm allows (also on CPU, as in the tests); false = off.
+Setting: `loss.fused_head` null (default) = the path measured faster, which today is the two
+passes at every shape measured: on an H200 at the 1B bench's shapes the fused pass cost 21 % of
+DPO's and 26 % of QRPO's step throughput, and in the kernel bench (Llama-3 head, 16k tokens) it
+took 138-335 ms against 124 ms for `sequence_logprobs` (BENCHMARKS.md); on CPU the torch
+backend's two passes are faster than holding a chunk's logits. true = on where the algorithm
+allows (on CPU too, as in the tests); false = off. When a GPU measurement shows the fused pass
+faster at a shape, `FUSED_FASTER` names that shape and the default follows it there.
 """
 
 from __future__ import annotations
@@ -22,12 +26,34 @@ import torch
 from qrpo.common.packing import Batch
 from qrpo.train.losses import get_algorithm
 
+# Where the fused pass was measured faster than the two passes: (device type, algorithm) pairs.
+# Empty: no measured shape yet (see the module docstring); the default then runs two passes.
+FUSED_FASTER: frozenset[tuple[str, str]] = frozenset()
+
+
+def fused_head_choice(cfg, device: torch.device) -> tuple[bool, str]:
+    """Whether the loop runs the fused head+loss pass, and why (the loop logs it once)."""
+    algorithm = cfg.loss.algorithm
+    if not get_algorithm(algorithm).fused_head:
+        return False, f"head: two passes ({algorithm} has no fused head+loss pass)"
+    if cfg.loss.kernel_backend == "naive":
+        return False, "head: two passes (loss.kernel_backend=naive builds the full logits)"
+    if cfg.loss.fused_head is not None:
+        on = bool(cfg.loss.fused_head)
+        return on, f"head: {'fused head+loss pass' if on else 'two passes'} (loss.fused_head={on})"
+    if (device.type, algorithm) in FUSED_FASTER:
+        return (
+            True,
+            f"head: fused head+loss pass (measured faster for {algorithm} on {device.type})",
+        )
+    return False, (
+        "head: two passes (loss.fused_head=null: faster than the fused pass at every shape "
+        "measured, BENCHMARKS.md; loss.fused_head=true forces the fused pass)"
+    )
+
 
 def fused_head_applies(cfg, device: torch.device) -> bool:
-    allowed = get_algorithm(cfg.loss.algorithm).fused_head and cfg.loss.kernel_backend != "naive"
-    if cfg.loss.fused_head is None:
-        return allowed and device.type == "cuda"
-    return allowed and bool(cfg.loss.fused_head)
+    return fused_head_choice(cfg, device)[0]
 
 
 def fused_micro_batch_loss(

@@ -32,7 +32,7 @@ from qrpo.train.accelerator import freeze_reference, make_accelerator, make_opti
 from qrpo.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from qrpo.train.config import TrainConfig
 from qrpo.train.examples import build_examples, global_batch_indices, mismatched
-from qrpo.train.fused import fused_head_applies, fused_micro_batch_loss
+from qrpo.train.fused import fused_head_applies, fused_head_choice, fused_micro_batch_loss
 from qrpo.train.losses import Algorithm, LossInputs, get_algorithm
 from qrpo.train.metrics import flat_config, plot_curves, truncate_log
 from qrpo.train.preemption import PreemptionFlag
@@ -143,6 +143,7 @@ def train(cfg: TrainConfig) -> dict:
         num_values=num_prompts if spec.learned_values else 0,
     )
     policy.to(device)
+    log(fused_head_choice(cfg, device)[1])
     ref_model = None
     if ref_source == "model":
         ref_cfg = ModelConfig(

@@ -37,6 +37,7 @@ TINY = [
     "micro_batch_tokens=512",
 ]
 OURS = ["ours_dpo", "ours_dpo_precomputed", "ours_qrpo_precomputed", "ours_qrpo_reference"]
+TRL = ["trl_dpo", "trl_dpo_precomputed"]
 HAVE_TRL = importlib.util.find_spec("trl") is not None
 
 
@@ -44,7 +45,7 @@ HAVE_TRL = importlib.util.find_spec("trl") is not None
 def report(tmp_path_factory):
     """One bench run shared by the tests below (about 35 s on two cores, 45 s with TRL)."""
     out = tmp_path_factory.mktemp("bench")
-    systems = OURS + (["trl_dpo"] if HAVE_TRL else [])
+    systems = OURS + (TRL if HAVE_TRL else [])
     with pytest.MonkeyPatch.context() as mp:
         # One thread per process: the tiny model's ops are too small to gain from two, and a
         # busy machine (other jobs on the same cores) then slows the steps far less.
@@ -113,18 +114,26 @@ def test_outputs_json_png_and_table(report):
         assert (out / "systems" / name / "log.txt").is_file()
 
 
-def test_trl_dpo_trainer_counts_the_same_tokens(report):
+@pytest.mark.parametrize("system,reference", [(TRL[0], "on the fly"), (TRL[1], "precomputed")])
+def test_trl_dpo_trainer_counts_the_same_tokens(report, system, reference):
     pytest.importorskip("trl")
-    results = _by_system(report)
-    r = results["trl_dpo"]
+    r = _by_system(report)[system]
     assert r["status"] == "ok", r.get("note")
     assert r["tokens_per_s"] > 0 and r["peak_memory_gb"] > 0 and r["mfu"] > 0
-    assert r["reference"] == "on the fly"
+    assert r["reference"] == reference  # the bench checks TRL built (or skipped) its ref model
     # TRL tokenizes prompt+completion itself and pads; its real-token count matches ours.
     assert r["total_tokens"] == report["total_tokens"]
     assert r["tokens_per_step"] != [] and r.get("note") is None
-    assert results["ours_dpo"]["ratio_to_trl"] == pytest.approx(
-        results["ours_dpo"]["tokens_per_s"] / r["tokens_per_s"]
+
+
+def test_ratios_are_against_the_fastest_trl_row_by_the_median(report):
+    pytest.importorskip("trl")
+    results = _by_system(report)
+    peer = max(TRL, key=lambda s: results[s]["median_step_tokens_per_s"])
+    ours = results["ours_dpo"]
+    assert ours["trl_peer"] == peer
+    assert ours["ratio_to_trl"] == pytest.approx(
+        ours["median_step_tokens_per_s"] / results[peer]["median_step_tokens_per_s"]
     )
 
 
@@ -158,6 +167,7 @@ def test_workload_presets_fill_only_unset_fields():
     assert cfg.prompt_tokens == [40, 56] and cfg.warmup == 2 and cfg.steps == 6
     gpu = resolve(build_config(BenchConfig, None, ["workload=gpu", "tie_embeddings=false"]))
     assert gpu.dtype == "bfloat16" and gpu.tie_embeddings is False and gpu.max_length == 1024
+    assert gpu.steps >= 20  # steady state: a few slow steps barely move the median
     with pytest.raises(ConfigError, match="unknown"):
         build_config(BenchConfig, None, ["systems=[ours_dpo,nope]"])
     with pytest.raises(ConfigError, match="completion_tokens"):
@@ -166,23 +176,49 @@ def test_workload_presets_fill_only_unset_fields():
 
 def test_report_without_trl(tmp_path):
     """Without trl installed, TRL is a skipped row: the table, goals and chart still work."""
-    ours = {
-        "system": "ours_dpo",
-        "status": "ok",
-        "reference": "on the fly",
-        "tokens_per_s": 1000.0,
-        "step_s": 3.0,
-        "peak_memory_gb": 1.2,
-        "mfu": 0.4,
-        "loop_mfu": 0.41,
-    }
+    ours = _row("ours_dpo", median=1100.0, total=1000.0)
     results = [ours, {"system": "trl_dpo", "status": "skipped", "note": "trl not installed"}]
     text = table(results)
     assert (
         "| trl_dpo | skipped: trl not installed" in text
-        and "| ours_dpo | on the fly | 1000 |" in text
+        and "| ours_dpo | on the fly | 1100 | 1000 |" in text
     )
     checked = [g["goal"] for g in goals(resolve(build_config(BenchConfig, None, [])), results)]
     assert not any("trl_dpo" in g for g in checked) and any("700 tokens/s" in g for g in checked)
     plot(results, tmp_path / "bench.png")
     assert (tmp_path / "bench.png").stat().st_size > 0
+
+
+def _row(system: str, median: float, total: float, memory: float = 1.2) -> dict:
+    return {
+        "system": system,
+        "status": "ok",
+        "reference": "on the fly",
+        "median_step_tokens_per_s": median,
+        "tokens_per_s": total,
+        "step_s": 3.0,
+        "peak_memory_gb": memory,
+        "mfu": 0.4,
+        "median_mfu": 0.44,
+        "loop_mfu": 0.41,
+    }
+
+
+def test_goals_take_the_median_and_the_fastest_trl_row():
+    """TRL's slow steps sink its total, not its median: the goals must not count them."""
+    results = [
+        _row("ours_dpo", median=1500.0, total=1450.0),
+        _row("ours_qrpo_precomputed", median=2100.0, total=2000.0, memory=50.0),
+        _row("trl_dpo", median=900.0, total=400.0, memory=40.0),  # a few very slow steps
+        _row("trl_dpo_precomputed", median=1000.0, total=950.0, memory=45.0),
+    ]
+    gpu = resolve(build_config(BenchConfig, None, ["workload=gpu"]))
+    checked = {g["goal"]: g["met"] for g in goals(gpu, results)}
+    assert checked["ours_dpo >= 1.5x trl_dpo_precomputed (got 1.50x)"] is True
+    assert checked["ours_qrpo_precomputed >= 2x trl_dpo_precomputed (got 2.10x)"] is True
+    assert checked["ours_dpo MFU >= 60% (got 44.0%)"] is False
+    assert (
+        checked["ours_qrpo_precomputed peak memory <= trl_dpo_precomputed's (50.0 vs 45.0 GB)"]
+        is False
+    )
+    assert not any("x trl_dpo " in g for g in checked)

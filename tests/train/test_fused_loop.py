@@ -155,3 +155,27 @@ def test_fused_training_run_equals_two_pass(tmp_path):
     for a, b in zip(*logs):
         for key in ("loss", "grad_norm"):
             torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-6)
+
+
+def test_the_default_head_path_is_the_one_measured_faster(monkeypatch):
+    """loss.fused_head=null runs two passes until a measurement names a shape where the fused
+    pass wins; the reason is what the loop logs."""
+    import qrpo.train.fused as fused
+
+    def cfg(algorithm: str, fused_head: str) -> TrainConfig:
+        keys = [f"loss.algorithm={algorithm}", f"loss.fused_head={fused_head}"]
+        return build_config(TrainConfig, None, [*keys, "loss.kernel_backend=torch"])
+
+    cuda = torch.device("cuda")  # a device object only: nothing runs on it
+    on, why = fused.fused_head_choice(cfg("dpo", "null"), cuda)
+    assert not on and "measured" in why and "loss.fused_head=true" in why
+    assert fused.fused_head_choice(cfg("dpo", "true"), cuda) == (
+        True,
+        "head: fused head+loss pass (loss.fused_head=True)",
+    )
+    on, why = fused.fused_head_choice(cfg("kto", "true"), cuda)
+    assert not on and "kto has no fused" in why
+    monkeypatch.setattr(fused, "FUSED_FASTER", frozenset({("cuda", "dpo")}))
+    assert fused.fused_head_applies(cfg("dpo", "null"), cuda)
+    assert not fused.fused_head_applies(cfg("qrpo", "null"), cuda)
+    assert not fused.fused_head_applies(cfg("dpo", "null"), torch.device("cpu"))
