@@ -187,6 +187,30 @@ def backward_plan(cfg: TritonConfig, n: int, v: int, d: int) -> tuple[int, int]:
     return max(1, min(chunk, n)), max(1, v_slice)
 
 
+def stored_logits_slice(cfg: TritonConfig, n: int, v: int) -> int:
+    """The vocab slice of a backward that reads the forward's stored [n, V] logits (the fused
+    pass: all n rows are one chunk): as wide as the workspace bound allows, in whole tiles.
+
+    Whole tiles: n is a chunk of whole sequences (2,000 tokens for a pair of 1,000-token
+    sequences), so bound // n is any number, and a slice of 25,165 columns leaves a partial tile
+    at every slice's end."""
+    if cfg.vocab_slice is not None:
+        return min(v, cfg.vocab_slice)
+    fit = cfg.max_workspace_elements // max(n, 1) // cfg.block_v * cfg.block_v
+    return min(v, max(cfg.block_v, fit))
+
+
+# Row stride of the backward's dlin workspace, in elements: a multiple of 64 (128 bytes in bf16),
+# whatever the slice width. cuBLAS runs the dH and dW GEMMs on that workspace as a strided
+# matrix, and with half inputs its tensor-core kernels need a leading dimension that is a
+# multiple of 16 bytes; an odd width (25,165) sends both GEMMs to slow kernels.
+WORKSPACE_ALIGN = 64
+
+
+def workspace_stride(v_slice: int) -> int:
+    return -(-v_slice // WORKSPACE_ALIGN) * WORKSPACE_ALIGN
+
+
 def head_backward(
     hidden: Tensor,
     weight: Tensor,
@@ -222,11 +246,10 @@ def head_backward(
     if z is None:
         chunk, v_slice = backward_plan(cfg, n, v, d)
     else:  # the stored logits are this call's rows: one chunk, the workspace bounds the slice
-        chunk = n
-        v_slice = cfg.vocab_slice or cfg.max_workspace_elements // max(n, 1)
-        v_slice = min(v, max(cfg.block_v, v_slice))
+        chunk, v_slice = n, stored_logits_slice(cfg, n, v)
     ws_dtype = torch.float32 if hidden.dtype == torch.float32 else hidden.dtype
-    ws = torch.empty(chunk, v_slice, dtype=ws_dtype, device=hidden.device)
+    ws_stride = workspace_stride(v_slice)
+    ws = torch.empty(chunk, ws_stride, dtype=ws_dtype, device=hidden.device)
     # A finished half-precision dW slice is summed in this fp32 buffer, then rounded once.
     slice_acc = None
     if dw_out is not None and dw_out.dtype != torch.float32:
@@ -249,7 +272,7 @@ def head_backward(
             _logprobs_bwd_kernel[grid](
                 h, weight, bias if bias is not None else hidden,
                 z[c0:c1] if z is not None else lse, targets[c0:c1], lse[c0:c1], g_tok[c0:c1], dlin,
-                rows, v, d, v0, v1, v_slice, hidden.stride(0), weight.stride(0),
+                rows, v, d, v0, v1, ws_stride, hidden.stride(0), weight.stride(0),
                 **flags, LOAD_Z=z is not None,
                 BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d,
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages,

@@ -300,3 +300,18 @@ def test_cuda_fused_pass_has_no_host_sync(gpu_tiles) -> None:
         step()
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fused_default_slices_whole_tiles_over_a_padded_workspace(backend: str) -> None:
+    """No explicit vocab slice: a chunk of 13 rows under a 700-element bound gets 32-column slices
+    (whole tiles, not 700 // 13 = 53), in a workspace whose rows are 64 elements apart."""
+    tiles = TritonConfig(block_n=16, block_v=32, block_d=16, num_warps=1, num_stages=1,
+                         max_workspace_elements=700)  # fmt: skip
+    inp = make_inputs([6, 7, 5, 9], dim=24, vocab=131)
+    loss_fn = dpo_closure(4)
+    want = reference(inp, loss_fn, torch.float64, "naive")
+    want = [want[0] * 1.5, want[1]] + [g * 1.5 for g in want[2:]]
+    with use_config(tiles):
+        got = fused(inp, loss_fn, backend, group_size=2, chunk_tokens=16)
+    assert_close(got, want, rtol=1e-5, atol=1e-5)
