@@ -11,6 +11,9 @@
 - "liger-dpo": Liger's `LigerFusedLinearDPOLoss` (chunked_loss, gradient in forward through
   torch.func), padded [2B, T, D] layout, no reference model: 3 units.
 - "cce": Apple's Cut Cross-Entropy (skips small-softmax gradient tiles).
+- "trl-chunked": TRL's `ChunkedLogProbFunction`, the tiled log-prob kernel its DPOTrainer uses
+  (cuBLAS GEMM tiles of TRL's own vocabulary width, a Triton online log-sum-exp; torch ops on
+  CPU), on the valid tokens only as TRL calls it, then summed per sequence.
 
 Pair methods (fused-dpo, liger-dpo) cut the N tokens into an even number of equal sequences of
 about the shape's length (16 x 1,024 at N = 16,384) so that every sequence has a partner; Liger's
@@ -182,6 +185,29 @@ def _cce() -> Method:
     return run
 
 
+def _trl_chunked() -> Method:
+    from trl.kernels import ChunkedLogProbFunction
+    from trl.trainer import utils as trl_utils
+
+    # TRL's own vocabulary tile width, as its trainers pass it (32,768 in TRL 1.16).
+    chunk = getattr(trl_utils, "_CHUNKED_LOGPROB_CHUNK_SIZE", 32768)
+
+    def run(h, w, t, cu):
+        valid = t != IGNORE_INDEX
+        # Positional: hidden, weight, bias, targets, temperature, chunk_size, softcap,
+        # logit_scale, optional outputs (none).
+        picked = ChunkedLogProbFunction.apply(
+            h[valid], w, None, t[valid], 1.0, chunk, None, 1.0, ()
+        )
+        token_logp = (
+            picked[0].float().new_zeros(h.shape[0]).masked_scatter(valid, picked[0].float())
+        )
+        out = segment_sum(token_logp, sequence_ids(cu, h.shape[0]), cu.numel() - 1)
+        return out, out.sum()
+
+    return run
+
+
 def available_methods(
     device: torch.device, compile_naive: bool, seq_len: int = 1000
 ) -> dict[str, Method | str]:
@@ -197,6 +223,10 @@ def available_methods(
         methods["naive+compile"] = _naive_compiled()
     methods["fused-qrpo"] = _fused_qrpo()
     methods["fused-dpo"] = _fused_dpo(seq_len)
+    try:  # TRL's kernel also runs on CPU (torch ops in place of Triton)
+        methods["trl-chunked"] = _trl_chunked()
+    except ImportError as e:
+        methods["trl-chunked"] = f"skipped: {e}"
     for name, make in (
         ("liger(none)", lambda: _liger("none")),
         ("liger(mean)", lambda: _liger("mean")),
