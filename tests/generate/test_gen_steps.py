@@ -298,7 +298,7 @@ def test_a_rerun_with_other_settings_or_without_input_is_refused(tmp_path):
 def test_help_lists_the_keys(module, capsys):
     import importlib
 
-    main = importlib.import_module(f"generate.{module}").main
+    main = importlib.import_module(f"qrpo.generate.{module}").main
     with pytest.raises(SystemExit) as info:
         main(["--help"])
     assert info.value.code == 0
