@@ -88,7 +88,7 @@ def check_checkpoint(folder: Path, hashes: bool) -> str | None:
     try:
         files = json.loads((folder / MANIFEST).read_text())["files"]
     except FileNotFoundError:
-        return f"no {MANIFEST} (not a complete checkpoint)"
+        return f"no {MANIFEST}: unfinished, or saved before manifests"
     except (ValueError, KeyError, TypeError):
         return f"unreadable {MANIFEST}"
     if TRAINER not in files:

@@ -18,6 +18,16 @@ schedule, or a cap that does not bind), and counts as a change otherwise (cosine
 not cosine over 3). Other hyper-parameter changes need `force`: optimizer moments, step count and
 base learning rates come from the checkpoint, the rest from the new configuration.
 
+The data is compared as the config is: the checkpoint's fingerprints of the examples after the
+checks and of the reference data (qrpo/train/fingerprint.py) against this start's; a change stops
+`auto` and is applied and recorded by `force`.
+
+Only complete checkpoints are resumed (qrpo/train/checkpoint.py: a manifest of sizes and hashes);
+the newest complete one is taken and the newer ones skipped are named in the log. A run directory
+whose checkpoints are all incomplete or gone, or one without checkpoint started with another
+trajectory, is refused by every mode: starting fresh there would overwrite its config.yaml,
+metrics.jsonl and prune what is left of its checkpoints.
+
 Every start appends to RUN_DIR/config_history.yaml (time, mode, step, changed keys old -> new);
 RUN_DIR/config.yaml is always the configuration of the latest start.
 """
