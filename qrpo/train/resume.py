@@ -18,6 +18,16 @@ schedule, or a cap that does not bind), and counts as a change otherwise (cosine
 not cosine over 3). Other hyper-parameter changes need `force`: optimizer moments, step count and
 base learning rates come from the checkpoint, the rest from the new configuration.
 
+The data is compared as the config is: the checkpoint's fingerprints of the examples after the
+checks and of the reference data (qrpo/train/fingerprint.py) against this start's; a change stops
+`auto` and is applied and recorded by `force`.
+
+Only complete checkpoints are resumed (qrpo/train/checkpoint.py: a manifest of sizes and hashes);
+the newest complete one is taken and the newer ones skipped are named in the log. A run directory
+whose checkpoints are all incomplete or gone, or one without checkpoint started with another
+trajectory, is refused by every mode: starting fresh there would overwrite its config.yaml,
+metrics.jsonl and prune what is left of its checkpoints.
+
 Every start appends to RUN_DIR/config_history.yaml (time, mode, step, changed keys old -> new);
 RUN_DIR/config.yaml is always the configuration of the latest start.
 """
@@ -25,16 +35,17 @@ RUN_DIR/config.yaml is always the configuration of the latest start.
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from qrpo.common.config import ConfigError, load_saved_config, save_config
-from qrpo.train.checkpoint import latest_checkpoint
+from qrpo.train.checkpoint import Found, find_checkpoint
 from qrpo.train.config import TrainConfig
 from qrpo.train.examples import steps_per_epoch
+from qrpo.train.fingerprint import DATA_KEYS, data_changes
+from qrpo.train.metrics import append_record, trim_torn_yaml_list
 
 KEEPS_TRAJECTORY = (
     "run.run_dir",
@@ -166,18 +177,23 @@ def _schedule_change(
     )
 
 
-def plan_resume(cfg: TrainConfig, num_examples: int, per_step: int) -> ResumePlan:
+def plan_resume(cfg: TrainConfig, data: dict, per_step: int, log=print) -> ResumePlan:
     """Decide before any model is loaded and before anything is written; raises ConfigError
-    when the run must stop (`auto` with changed trajectory keys, `never` on a used folder)."""
+    when the run must stop (`auto` with changed trajectory keys or data, `never` on a used
+    folder, a folder with history but no complete checkpoint). `data`: this start's
+    fingerprints (qrpo/train/fingerprint.py)."""
     run_dir, mode = Path(cfg.run.run_dir), cfg.run.resume
+    num_examples = data["examples"]
     if mode == "never":
         check_fresh(run_dir)
         return ResumePlan(mode)
-    ckpt = latest_checkpoint(run_dir)
-    if ckpt is None:
+    found = find_checkpoint(run_dir)
+    if found.skipped:
+        log(f"checkpoints skipped (not complete): {found.skipped_line()}")
+    if found.checkpoint is None:
+        check_history_without_checkpoint(cfg, found, per_step, num_examples)
         return ResumePlan(mode)
-    trainer = json.loads((ckpt / "trainer.json").read_text())
-    plan = ResumePlan(mode, ckpt, int(trainer["step"]))
+    plan = ResumePlan(mode, found.checkpoint, found.step)
     try:
         saved = load_saved_config(TrainConfig, run_dir)
     except ConfigError as err:
@@ -194,12 +210,14 @@ def plan_resume(cfg: TrainConfig, num_examples: int, per_step: int) -> ResumePla
     plan.trajectory = _trajectory_changes(
         saved, cfg, plan.changes, plan.step, num_examples, per_step
     )
-    if trainer.get("examples", num_examples) != num_examples:
-        plan.changes["data (examples after the checks)"] = (trainer["examples"], num_examples)
-        plan.trajectory["data (examples after the checks)"] = " (the data itself changed)"
+    for what, (before, after, why) in data_changes(found.trainer, data).items():
+        plan.changes[what] = (before, after)
+        plan.trajectory[what] = why
     if plan.trajectory and mode == "auto":
         lines = [
-            f"  {k}: {_show(plan.changes[k][0])} -> {_show(plan.changes[k][1])}{why}"
+            f"  {why}"
+            if k in DATA_KEYS
+            else f"  {k}: {_show(plan.changes[k][0])} -> {_show(plan.changes[k][1])}{why}"
             for k, why in plan.trajectory.items()
         ]
         raise ConfigError(
@@ -208,13 +226,46 @@ def plan_resume(cfg: TrainConfig, num_examples: int, per_step: int) -> ResumePla
                     f"run.resume=auto: {run_dir} has a checkpoint at step {plan.step} made with "
                     "other values of keys that change the training trajectory:",
                     *lines,
-                    f"Rerun with the saved values ({run_dir / 'config.yaml'}), set "
+                    f"Rerun with the saved values ({run_dir / 'config.yaml'}) and data, set "
                     f"run.resume=force to continue from step {plan.step} with the new ones, or "
                     "give a new run.run_dir to start fresh.",
                 ]
             )
         )
     return plan
+
+
+def check_history_without_checkpoint(
+    cfg: TrainConfig, found: Found, per_step: int, num_examples: int
+) -> None:
+    """No complete checkpoint: a fresh start would rewrite config.yaml and metrics.jsonl and
+    prune what is left, so it is allowed only over a run that never finished a checkpoint and
+    was started with a config whose trajectory is this one's (a job killed before its first save
+    and rerun as it was: starting over is what resuming it means)."""
+    run_dir, mode = Path(cfg.run.run_dir), cfg.run.resume
+    left = _leftovers(run_dir)
+    if not left:
+        return
+    why = ""
+    if found.any_folder:
+        why = "no complete checkpoint" + (f" ({found.skipped_line()})" if found.skipped else "")
+    elif (run_dir / "config.yaml").is_file():
+        try:
+            saved = load_saved_config(TrainConfig, run_dir)
+        except ConfigError:
+            why = "an unreadable config.yaml"
+        else:
+            old, new = flat(saved), flat(cfg)
+            changes = {k: (old.get(k), v) for k, v in new.items() if old.get(k) != v}
+            changed = _trajectory_changes(saved, cfg, changes, 0, num_examples, per_step)
+            if changed:
+                why = "no checkpoint, and a config.yaml with other " + ", ".join(changed)
+    if why:
+        shown = ", ".join(left[:6]) + (", ..." if len(left) > 6 else "")
+        raise ConfigError(
+            f"run.resume={mode}: {run_dir} holds an earlier run ({shown}) with {why}; refusing "
+            "to start fresh over it: restore a checkpoint, give a new run.run_dir, or empty it"
+        )
 
 
 def _show(value: Any) -> str:
@@ -239,12 +290,15 @@ def describe(plan: ResumePlan) -> str:
     return "; ".join(parts)
 
 
-def record_start(cfg: TrainConfig, plan: ResumePlan) -> None:
-    """Main process: write RUN_DIR/config.yaml and append this start to config_history.yaml."""
+def record_start(cfg: TrainConfig, plan: ResumePlan, log=print) -> None:
+    """Main process: write RUN_DIR/config.yaml and append this start to config_history.yaml
+    (one entry per write, so a kill leaves whole entries; a torn last one is trimmed first)."""
     from omegaconf import OmegaConf
 
     run_dir = Path(cfg.run.run_dir)
-    save_config(cfg, run_dir)
+    # Written aside and renamed: a kill mid-write must not leave a config.yaml that the next
+    # resume cannot compare with.
+    save_config(cfg, run_dir, "config.yaml.tmp").replace(run_dir / "config.yaml")
 
     def old_new(keys) -> dict:
         return {k: {"old": plan.changes[k][0], "new": plan.changes[k][1]} for k in keys}
@@ -257,9 +311,10 @@ def record_start(cfg: TrainConfig, plan: ResumePlan) -> None:
         "changed": old_new(k for k in plan.changes if k not in plan.trajectory),
     }
     path = run_dir / HISTORY
-    history = OmegaConf.to_container(OmegaConf.load(path)) if path.is_file() else []
-    history.append(entry)
-    path.write_text(OmegaConf.to_yaml(history))
+    trimmed = trim_torn_yaml_list(path)
+    if trimmed:
+        log(trimmed)
+    append_record(path, OmegaConf.to_yaml([entry]))
 
 
 def apply_new_values(cfg: TrainConfig, optimizer, scheduler, log) -> None:

@@ -32,9 +32,10 @@ from qrpo.train.accelerator import freeze_reference, make_accelerator, make_opti
 from qrpo.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from qrpo.train.config import TrainConfig
 from qrpo.train.examples import build_examples, global_batch_indices, mismatched
+from qrpo.train.fingerprint import fingerprints
 from qrpo.train.fused import fused_head_applies, fused_head_choice, fused_micro_batch_loss
 from qrpo.train.losses import Algorithm, LossInputs, get_algorithm
-from qrpo.train.metrics import flat_config, plot_curves, truncate_log
+from qrpo.train.metrics import append_record, flat_config, plot_curves, truncate_log
 from qrpo.train.preemption import PreemptionFlag
 from qrpo.train.profiling import StepProfiler
 from qrpo.train.resume import apply_new_values, describe, plan_resume, record_start, schedule_length
@@ -113,8 +114,9 @@ def train(cfg: TrainConfig) -> dict:
             f"{len(examples) * seqs_per_example} in the data"
         )
     ref_source = reference_source(cfg, examples)
-    # Whether this start resumes, and with which config: decided before any model is loaded.
-    plan = plan_resume(cfg, len(examples), per_step)
+    # Whether this start resumes, and with which config and data: decided before any model loads.
+    data_fingerprint = fingerprints(examples)
+    plan = plan_resume(cfg, data_fingerprint, per_step)
 
     accelerator = make_accelerator(cfg)
     world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
@@ -126,7 +128,7 @@ def train(cfg: TrainConfig) -> dict:
     run_dir = Path(cfg.run.run_dir)
     accelerator.wait_for_everyone()  # every process has planned from the old config.yaml
     if accelerator.is_main_process:
-        record_start(cfg, plan)  # config.yaml, and this start in config_history.yaml
+        record_start(cfg, plan, log)  # config.yaml, and this start in config_history.yaml
     log(to_yaml(cfg))
     set_seed(cfg.run.seed)
 
@@ -187,8 +189,8 @@ def train(cfg: TrainConfig) -> dict:
         log(describe(plan))
     if plan.applies_new_values:
         apply_new_values(cfg, optimizer, scheduler, log)
-    if accelerator.is_main_process:
-        truncate_log(metrics_log, step)
+    if accelerator.is_main_process and (trimmed := truncate_log(metrics_log, step)):
+        log(trimmed)
 
     flops_per_token = train_flops_per_token(causal_lm, with_reference=ref_model is not None)
     peak = cfg.run.peak_tflops or measure_peak_tflops(device, causal_lm.dtype)
@@ -273,8 +275,7 @@ def train(cfg: TrainConfig) -> dict:
                     **{n: torch.cat(v).nanmean().item() for n, v in step_metrics.items()},
                 }
                 if accelerator.is_main_process:
-                    with metrics_log.open("a") as f:
-                        f.write(json.dumps(record) + "\n")
+                    append_record(metrics_log, json.dumps(record) + "\n")
                     if cfg.run.trackers:
                         accelerator.log(record, step=step)
                     bar.set_postfix(
@@ -293,7 +294,7 @@ def train(cfg: TrainConfig) -> dict:
                     accelerator,
                     run_dir,
                     step,
-                    {"examples": len(examples)},
+                    data_fingerprint,
                     cfg.run.keep_checkpoints,
                 )
             if stop and step < total_steps:

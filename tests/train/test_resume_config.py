@@ -178,18 +178,22 @@ def test_schedule_length_changes_are_judged_by_the_steps_done(tmp_path, data):
     )
     (run / "checkpoints" / "latest").write_text("step_00000002")
     from qrpo.common.config import save_config
+    from qrpo.train.checkpoint import write_manifest
+
+    write_manifest(run / "checkpoints" / "step_00000002")
 
     save_config(base, run)
     # cosine over 3 steps vs 4 steps: the two steps done had other learning rates.
     with pytest.raises(ConfigError, match=r"run.max_steps: 3 -> 0 \(the cosine schedule"):
-        plan_resume(_cfg(run, data, "run.epochs=1", "run.max_steps=0"), 16, 4)
+        plan_resume(_cfg(run, data, "run.epochs=1", "run.max_steps=0"), {"examples": 16}, 4)
     # The cap binds in neither (4 steps both): the same schedule.
     save_config(_cfg(run, data, "run.epochs=1", "run.max_steps=10"), run)
-    plan = plan_resume(_cfg(run, data, "run.epochs=1", "run.max_steps=0"), 16, 4)
+    plan = plan_resume(_cfg(run, data, "run.epochs=1", "run.max_steps=0"), {"examples": 16}, 4)
     assert plan.step == 2 and not plan.trajectory and "run.max_steps" in plan.changes
-    # The data changed under the same config: the checkpoint's example count differs.
-    with pytest.raises(ConfigError, match=r"data \(examples after the checks\): 16 -> 12"):
-        plan_resume(_cfg(run, data, "run.epochs=1", "run.max_steps=10"), 12, 4)
+    # The data changed under the same config: the checkpoint (saved before fingerprints) has
+    # only its example count to compare.
+    with pytest.raises(ConfigError, match=r"training data changed since the checkpoint: 16 -> 12"):
+        plan_resume(_cfg(run, data, "run.epochs=1", "run.max_steps=10"), {"examples": 12}, 4)
 
 
 def test_never_refuses_a_used_run_directory(tmp_path, data, no_model):
@@ -198,7 +202,7 @@ def test_never_refuses_a_used_run_directory(tmp_path, data, no_model):
     (run / "slurm" / "train.yaml").write_text("{}")
     from qrpo.train.resume import plan_resume
 
-    assert plan_resume(_cfg(run, data, "run.resume=never"), 16, 4).checkpoint is None
+    assert plan_resume(_cfg(run, data, "run.resume=never"), {"examples": 16}, 4).checkpoint is None
     (run / "metrics.jsonl").write_text("")
     with pytest.raises(ConfigError, match=r"run.resume=never: run directory .* is not empty"):
         train(_cfg(run, data, "run.resume=never"))
