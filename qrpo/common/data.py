@@ -93,7 +93,7 @@ def _data_files(path: Path) -> tuple[list[Path], str]:
     return files, kinds.pop()
 
 
-def _read_json_rows(path: Path) -> list[dict]:
+def read_json_rows(path: Path) -> list[dict]:
     """Plain-Python reading, used to locate a row that Arrow refused to load."""
     text = path.read_text()
     if path.suffix == ".json" and text.lstrip().startswith("["):
@@ -125,7 +125,7 @@ def _read_file(path: Path, builder: str) -> list:
         # Python so validation can name the row and field.
         if builder != "json":
             raise DataError(str(path), None, None, f"could not be loaded: {err}") from None
-        return _read_json_rows(path)
+        return read_json_rows(path)
 
 
 def read_located_rows(path: str, split: str = "train") -> tuple[list, list[tuple[str, int]], str]:

@@ -37,8 +37,10 @@ from pathlib import Path
 import torch
 
 from qrpo.common.config import ConfigError, choice, doc, sub
+from qrpo.common.data import RowReader, content_hash, read_json_rows
 from qrpo.common.model import DTYPES, ModelConfig, load_model, load_tokenizer
 from qrpo.common.rewards import RewardConfig, compute_rewards, load_reward
+from qrpo.common.run_lock import hold_file
 from qrpo.common.sampling import SamplingConfig, sample_completions
 from qrpo.common.tiny import TINY_NAME
 from qrpo.common.tokenize import encode_completion, encode_prompt
@@ -119,14 +121,27 @@ def model_names(paths: list[str], names: list[str]) -> list[str]:
 
 
 def load_rows(cfg: EvalConfig) -> list[dict]:
+    """The held-out rows, checked as training data is (qrpo.common.rows) before any model
+    loads: every row an object with a non-empty prompt (text or messages), and no prompt id
+    twice: a repeated prompt would count twice in every mean and win rate."""
     if cfg.prompts:
         path = Path(cfg.prompts)
         if not path.is_file():
             raise ConfigError(f"prompts: file not found: {path}")
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        rows = read_json_rows(path)
+        seen: dict[str, int] = {}
         for i, row in enumerate(rows):
-            if "prompt" not in row:
-                raise ConfigError(f"{path}, row {i}: no 'prompt' field")
+            reader = RowReader(row, i, str(path))
+            prompt, messages = reader.prompt()
+            given = row.get("prompt_id")
+            if given is not None and (isinstance(given, bool) or not isinstance(given, (str, int))):
+                raise reader.error("prompt_id", f"expected a string, got {given!r:.60}")
+            # The id training data would give the row: its own, or a hash of the prompt.
+            pid = str(given) if given not in (None, "") else content_hash(messages or prompt)
+            if pid in seen:
+                field = "prompt_id" if given not in (None, "") else "prompt"
+                raise reader.error(field, f"duplicate prompt id '{pid}' (first in row {seen[pid]})")
+            seen[pid] = i
     else:
         from qrpo.common.tiny import TASK
 
@@ -291,7 +306,6 @@ def evaluate(cfg: EvalConfig) -> dict:
     t0 = time.perf_counter()
     device = _device(cfg.device)
     rows = load_rows(cfg)
-    prompts = [r["prompt"] for r in rows]
     paths = [resolve_model(p) for p in cfg.models]
     names = model_names(list(cfg.models), list(cfg.names))
     default = Path("runs/eval") if paths[-1] == TINY_NAME else Path(paths[-1]).parent
@@ -302,8 +316,14 @@ def evaluate(cfg: EvalConfig) -> dict:
         replace(cfg.reward, device=str(device)) if cfg.reward.device == "auto" else cfg.reward
     )
     load_reward(reward_cfg)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    # One evaluation per results file (OUT.lock beside it): two would overwrite each other's
+    # JSON and interleave the samples file. Evaluations into other files of the folder run.
+    with hold_file(out, "out"):
+        return _evaluate(cfg, rows, paths, names, out, reward_cfg, device, t0)
 
+
+def _evaluate(cfg, rows, paths, names, out: Path, reward_cfg, device, t0: float) -> dict:
+    prompts = [r["prompt"] for r in rows]
     ref_tok = load_tokenizer(ModelConfig(name_or_path=paths[0]))
     prompt_ids = [
         encode_prompt(ref_tok, "" if isinstance(p, list) else p, p if isinstance(p, list) else [])

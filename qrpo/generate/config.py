@@ -91,6 +91,11 @@ class PipelineConfig:
     shard: int = doc(-1, "this shard (-1: $SLURM_ARRAY_TASK_ID - $SLURM_ARRAY_TASK_MIN, or 0)")
     num_shards: int = doc(0, "number of shards (0: $SLURM_ARRAY_TASK_COUNT, or 1)")
     chunk_size: int = doc(64, "prompts per chunk file: the unit of resumption")
+    overwrite: bool = doc(
+        False,
+        "a shard made or started with another config or input: delete and regenerate it "
+        "(false: refuse, naming the changed keys; an unchanged shard is always reused)",
+    )
     model: ModelConfig = sub(ModelConfig, "the reference model: samples and reference log-probs")
     sample: SampleConfig = sub(SampleConfig, "sampling the reference model")
     reward: RewardConfig = sub(RewardConfig, "scoring completions")

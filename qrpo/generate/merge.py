@@ -10,7 +10,8 @@ and manifests; see qrpo.generate.shards.collect). Otherwise it names each missin
 chunk, missing prompt and duplicated id, and writes nothing, unless `merge.allow_partial=true`:
 then it writes what there is (each duplicated prompt once) and says what is missing. Rows are in
 source order whatever the sharding, so one shard and many give the same file. The output is
-Parquet (through `datasets`) or JSONL, by its suffix, written atomically.
+Parquet (through `datasets`) or JSONL, by its suffix, written atomically, by one merge at a
+time: a second merge into the same output refuses, naming the first (OUTPUT.lock).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import sys
 from pathlib import Path
 
 from qrpo.common.data import write_jsonl
+from qrpo.common.run_lock import hold_file
 from qrpo.generate.runner import cli, exit_on_error
 from qrpo.generate.shards import (
     ShardError,
@@ -54,6 +56,13 @@ def merge(cfg, log=print) -> Path:
     output = Path(cfg.merge.output or Path(cfg.out) / f"{step}.parquet")
     if output.suffix not in (".parquet", ".jsonl"):
         raise MergeError(f"merge.output={output}: use a .parquet or .jsonl name")
+    # One merge per output at a time (OUTPUT.lock beside it): the last array tasks to finish
+    # may both see every shard done; pipeline.run_pipeline lets the second one skip.
+    with hold_file(output, "merge.output"):
+        return _merge(cfg, step, step_dir, output, log)
+
+
+def _merge(cfg, step: str, step_dir: Path, output: Path, log) -> Path:
     # The shard count: given, or the SLURM array's, or read from the folder names.
     num_shards = cfg.num_shards or int(os.environ.get("SLURM_ARRAY_TASK_COUNT", 0))
     got = collect(step_dir, num_shards)

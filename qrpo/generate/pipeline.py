@@ -22,7 +22,10 @@ Many nodes: a SLURM array runs one shard per task (`shard`/`num_shards` default 
 SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN and SLURM_ARRAY_TASK_COUNT). Each task runs every
 step on its own shard, reading only its own shard of the step before; the merge at the end
 succeeds in whichever task finishes last (the others say it is waiting for shards). A rerun of
-the same command skips finished shards and chunks, so requeued or killed tasks resume:
+the same command skips finished shards and chunks, so requeued or killed tasks resume; a rerun
+with another config (another model, sample.n, ...) or another input refuses, naming the changed
+keys, unless overwrite=true (then the changed shards are made again). Each shard folder is
+locked while a process writes it, so two processes on one shard refuse instead of mixing:
 
     sbatch --array=0-63 --gpus=1 --wrap "python -m qrpo.generate.pipeline --config gen.yaml"
     python -m qrpo.generate.merge --config gen.yaml        # or by hand, once all are done
@@ -34,6 +37,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from qrpo.common.run_lock import RunLockError
 from qrpo.generate import build, ref_logps, reward, sample
 from qrpo.generate.config import PipelineConfig
 from qrpo.generate.merge import merge, merged_step
@@ -75,7 +79,13 @@ def run_pipeline(cfg: PipelineConfig, log: Callable[[str], None] = log) -> dict:
                     f"{waiting[:5]}); the last to finish merges, or run python -m qrpo.generate.merge"
                 )
                 continue
-        results[step] = run_step(cfg, step, log)
+        try:
+            results[step] = run_step(cfg, step, log)
+        except RunLockError as err:
+            if step != "merge" or num_shards == 1:
+                raise
+            # Two array tasks finished last together: the other one is merging the same files.
+            log(f"merge: skipped, another task is merging: {err}")
     return results
 
 

@@ -79,6 +79,7 @@ def run_shard_step(
         make_worker=lambda: make_worker(cfg, cfg.data.path or source),
         log=log,
         resolved_config=to_yaml(cfg),
+        overwrite=cfg.overwrite,
     )
 
 

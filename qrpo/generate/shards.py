@@ -25,7 +25,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from qrpo.common.run_lock import LOCK_NAME, hold
 from qrpo.generate.records import clean, features, units_of
+from qrpo.generate.reuse import changed_keys, input_fingerprint
 
 SHARD_RE = re.compile(r"^shard-(\d{5})-of-(\d{5})$")
 CHUNK_RE = re.compile(r"^chunk-(\d{6})\.parquet$")
@@ -162,23 +164,21 @@ def run_shard(
     make_worker: Callable[[], Worker],
     log: Callable[[str], None] = print,
     resolved_config: str = "",
+    overwrite: bool = False,
 ) -> dict:
     """Run one shard of a step: plan, process missing chunks, then the manifest; returns it.
 
-    `units` reads this shard's input and `make_worker` loads models: both are called only when
-    there is something to do, so a rerun of a finished shard costs nothing. `resolved_config`
-    (YAML) is saved as config.yaml with the plan, to repeat the run that started the shard.
+    `units` reads this shard's input and `make_worker` loads models, only when there are chunks
+    to make. Output already there (finished or not) is reused only when its saved config and
+    input fingerprint are this run's; otherwise ShardError names the changed keys, or, with
+    `overwrite`, the shard's files are deleted and it is made again. The shard folder is locked
+    for the run (qrpo.common.run_lock): array tasks write other shards of the same step at once,
+    legitimately; two processes on one shard would mix their chunks. `resolved_config` (YAML)
+    is saved as config.yaml with the plan, to repeat the run that started the shard.
     """
-    from tqdm import tqdm
-
     folder = Path(root) / step / shard_name(shard, num_shards)
-    manifest_path = folder / "manifest.json"
-    if manifest_path.is_file():
-        manifest = json.loads(manifest_path.read_text())
-        log(f"{step} {folder.name}: already finished ({manifest_path}), nothing to do")
-        return manifest
     t0 = time.perf_counter()
-    mine = units()
+    mine = units()  # read before anything is written: a missing input leaves no shard folder
     chunks = [mine[i : i + chunk_size] for i in range(0, len(mine), chunk_size)]
     plan = {
         "step": step,
@@ -186,24 +186,58 @@ def run_shard(
         "num_shards": num_shards,
         "chunk_size": chunk_size,
         "config": config,
+        "input": input_fingerprint(mine),
         "chunks": [[u[0]["prompt_id"] for u in chunk] for chunk in chunks],
     }
-    folder.mkdir(parents=True, exist_ok=True)
-    plan_path = folder / "plan.json"
-    if plan_path.is_file():
-        old = json.loads(plan_path.read_text())
-        for key in ("config", "chunk_size", "chunks"):
-            if old.get(key) != plan[key]:
-                raise ShardError(
-                    f"{folder} was started with another {key} ({old.get(key)!r:.200} != "
-                    f"{plan[key]!r:.200}): its chunks would mix two runs. Delete the folder, or "
-                    "use another out= folder"
-                )
+    plan = json.loads(json.dumps(plan))  # as it reads back from plan.json (tuples as lists)
+    with hold(folder, "out"):
+        manifest = _reuse_or_plan(folder, plan, overwrite, log, resolved_config)
+        if manifest is not None:
+            return manifest
+        return _run_chunks(folder, plan, chunks, mine, make_worker, log, t0)
+
+
+def _reuse_or_plan(
+    folder: Path, plan: dict, overwrite: bool, log, resolved_config: str
+) -> dict | None:
+    """The finished shard's manifest when it can be reused as it is; else None, with the plan
+    written (or an unfinished shard's plan checked, to resume it)."""
+    manifest_path, plan_path = folder / "manifest.json", folder / "plan.json"
+    finished = manifest_path.is_file()
+    if finished:
+        saved, keys = json.loads(manifest_path.read_text()), ("config", "input")
+    elif plan_path.is_file():
+        saved, keys = json.loads(plan_path.read_text()), ("config", "input", "chunk_size", "chunks")
     else:
+        saved, keys = None, ()
+    changed = changed_keys(saved, plan, keys) if saved is not None else []
+    if changed and not overwrite:
+        raise ShardError(
+            f"{folder} was {'made' if finished else 'started'} with another config: "
+            f"{', '.join(changed)}. Pass overwrite=true to delete and regenerate it, or use "
+            "another out= folder"
+        )
+    if changed:
+        log(f"{plan['step']} {folder.name}: overwrite=true, regenerating ({', '.join(changed)})")
+        for p in folder.iterdir():
+            if p.is_file() and p.name != LOCK_NAME:
+                p.unlink()
+        saved = None
+    elif finished:
+        log(f"{plan['step']} {folder.name}: already finished ({manifest_path}), nothing to do")
+        return saved
+    if saved is None:
         if resolved_config:
             write_text_atomic(folder / "config.yaml", resolved_config)
         write_text_atomic(plan_path, json.dumps(plan, indent=1))
+    return None
 
+
+def _run_chunks(folder: Path, plan: dict, chunks, mine, make_worker, log, t0: float) -> dict:
+    """Make the chunks that are missing, then the manifest from all the chunk files."""
+    from tqdm import tqdm
+
+    step, shard, num_shards = plan["step"], plan["shard"], plan["num_shards"]
     todo = [k for k in range(len(chunks)) if not (folder / chunk_name(k)).is_file()]
     for k in sorted(set(range(len(chunks))) - set(todo)):
         log(f"{step} {folder.name}: {chunk_name(k)} already done, skipped")
@@ -245,12 +279,12 @@ def run_shard(
         all_rows += rows
     summary = row_stats(all_rows)
     manifest = {
-        **{k: plan[k] for k in ("step", "shard", "num_shards", "chunk_size", "config")},
+        **{k: plan[k] for k in ("step", "shard", "num_shards", "chunk_size", "config", "input")},
         "chunks": entries,
         "summary": summary,
         "seconds": time.perf_counter() - t0,
     }
-    write_text_atomic(manifest_path, json.dumps(manifest, indent=1))
+    write_text_atomic(folder / "manifest.json", json.dumps(manifest, indent=1))
     for stale in folder.glob("*.tmp-*"):  # temporaries of a killed run
         stale.unlink(missing_ok=True)
     log(format_summary(f"{step} {folder.name}", summary))

@@ -125,6 +125,15 @@ def plan_runs(args: LaunchArgs) -> tuple[str, list[Run]]:
             TrainConfig, args.config, [*args.overrides, *extra, override("run.run_dir", run_dir)]
         )
         runs.append(Run(name, cfg))
+    # grid_points names points apart; this is the last word, since two tasks in one run_dir
+    # would race on its checkpoints (and the second would stop at the run_dir lock).
+    seen: dict[str, str] = {}
+    for run in runs:
+        first = seen.setdefault(str(Path(run.cfg.run.run_dir).resolve()), run.name)
+        if first != run.name:
+            raise ConfigError(
+                f"grid points {first} and {run.name} would share run_dir {run.cfg.run.run_dir}"
+            )
     check_runs(runs, args.slurm)
     return base.run.run_dir, runs
 

@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from qrpo.common.config import ConfigError, load_saved_config, save_config
+from qrpo.common.run_lock import LOCK_NAME
 from qrpo.train.checkpoint import Found, find_checkpoint
 from qrpo.train.config import TrainConfig
 from qrpo.train.examples import steps_per_epoch
@@ -128,10 +129,11 @@ def lr_multipliers(cfg: TrainConfig, total: int, steps: int) -> list[float] | No
 
 
 def _leftovers(run_dir: Path) -> list[str]:
-    """What a fresh start would mix with: every entry but the launcher's folder."""
+    """What a fresh start would mix with: every entry but the launcher's folder and the run
+    lock (which this very start holds when it checks again under the lock)."""
     if not run_dir.is_dir():
         return []
-    return sorted(p.name for p in run_dir.iterdir() if p.name != LAUNCHER_FOLDER)
+    return sorted(p.name for p in run_dir.iterdir() if p.name not in (LAUNCHER_FOLDER, LOCK_NAME))
 
 
 def check_fresh(run_dir: str | Path) -> None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from dataclasses import asdict
 from pathlib import Path
 
@@ -26,6 +26,7 @@ from qrpo.common.data import DataError, load_canonical
 from qrpo.common.flops import measure_peak_tflops, peak_memory_gb, train_flops_per_token
 from qrpo.common.model import ModelConfig, load_model, load_tokenizer
 from qrpo.common.packing import Batch, Example, collate, pack
+from qrpo.common.run_lock import check_free, hold
 from qrpo.common.tokenize import tokenize_rows
 from qrpo.kernels.sequence_model import SequenceLogprobModel, compute_dtype, sequence_logps
 from qrpo.train.accelerator import freeze_reference, make_accelerator, make_optimizer
@@ -100,6 +101,13 @@ def check_precomputed_reference(policy, examples, cfg: TrainConfig, device) -> f
 
 
 def train(cfg: TrainConfig) -> dict:
+    # The run_dir lock is held until train returns or raises (ExitStack), not until the process
+    # ends: tests and the demo run several trainings in one process.
+    with ExitStack() as held:
+        return _train(cfg, held)
+
+
+def _train(cfg: TrainConfig, held: ExitStack) -> dict:
     from accelerate.utils import set_seed
     from transformers import get_scheduler
 
@@ -114,9 +122,7 @@ def train(cfg: TrainConfig) -> dict:
             f"{len(examples) * seqs_per_example} in the data"
         )
     ref_source = reference_source(cfg, examples)
-    # Whether this start resumes, and with which config and data: decided before any model loads.
     data_fingerprint = fingerprints(examples)
-    plan = plan_resume(cfg, data_fingerprint, per_step)
 
     accelerator = make_accelerator(cfg)
     world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
@@ -126,6 +132,20 @@ def train(cfg: TrainConfig) -> dict:
             f"run.global_batch gives {per_step} examples per step, fewer than the {world} processes"
         )
     run_dir = Path(cfg.run.run_dir)
+    # One process per run_dir writes checkpoints and logs: the main process (rank 0 under
+    # accelerate launch) holds the lock for the run, the others wait for it at the barrier (a
+    # refusal ends the launch: torchrun stops the other ranks when one fails). A busy run_dir is
+    # reported first; a refused plan (a changed config, resume=never on a used folder) writes
+    # nothing, not even the lock file, so the plan is checked once before the lock is taken...
+    if accelerator.is_main_process:
+        check_free(run_dir, "run.run_dir")
+    # Whether this start resumes, and with which config and data: decided before any model loads.
+    plan_resume(cfg, data_fingerprint, per_step, log=lambda *_: None)  # the second call logs
+    if accelerator.is_main_process:
+        held.enter_context(hold(run_dir, "run.run_dir"))
+    accelerator.wait_for_everyone()
+    # ... and planned again under the lock, from what an earlier holder may have written since.
+    plan = plan_resume(cfg, data_fingerprint, per_step, log)
     accelerator.wait_for_everyone()  # every process has planned from the old config.yaml
     if accelerator.is_main_process:
         record_start(cfg, plan, log)  # config.yaml, and this start in config_history.yaml

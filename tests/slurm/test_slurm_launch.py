@@ -54,6 +54,32 @@ def test_grid_points_are_named_by_their_values():
     assert clash[0][0] == "loss_beta1_ref_beta2"
 
 
+def test_grid_points_have_distinct_run_dirs():
+    # f"{v:g}" named both of these beta0.1: two array tasks in one run_dir.
+    points = grid_points({"loss.beta": [0.1, 0.1000001], "optim.lr": [1e-7]})
+    assert [name for name, _ in points] == ["beta0.1_lr1e-07", "beta0.1000001_lr1e-07"]
+    # Values that clean to the same path part keep apart by a hash of the point.
+    paths = [name for name, _ in grid_points({"data.path": ["a/b.jsonl", "a-b.jsonl"]})]
+    assert len(set(paths)) == 2 and all(p.startswith("patha-b.jsonl_") for p in paths)
+
+
+@pytest.mark.parametrize("values", [[0.1, 0.3, 0.1], [1, 1.0]])
+def test_a_value_listed_twice_is_a_config_error(values):
+    with pytest.raises(ConfigError, match=r"sweep.loss.beta=.* is listed twice"):
+        grid_points({"loss.beta": values, "optim.lr": [1e-4]})
+
+
+def test_a_duplicate_grid_point_stops_before_anything_is_submitted(data, tmp_path):
+    run_dir = tmp_path / "sweep"
+    args = [f"data.path={data}", "loss.algorithm=sft", f"run.run_dir={run_dir}"]
+    out = cli("qrpo.slurm.train", *args, "sweep.loss.beta=[0.1,0.1]", *CPU, check=False)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert out.stderr.strip().endswith(
+        "is listed twice (positions 0 and 1); each grid point runs once, in its own folder"
+    )
+    assert "submitted" not in out.stdout and not run_dir.exists()
+
+
 def _job(**slurm) -> TrainJob:
     cfg = SlurmConfig(**slurm)
     return TrainJob("/r/slurm/train.yaml", "/r", cfg, "/fsdp2.yaml", "/")
