@@ -84,7 +84,7 @@ def check_precomputed_reference(policy, examples, cfg: TrainConfig, device) -> f
     ours = sequence_logps(policy, probe, cfg.run.micro_batch_tokens, device).cpu()
     theirs = torch.tensor([s.ref_logp for e in probe for s in e.sequences])
     gap = (ours - theirs).abs().max().item()
-    if gap > cfg.ref.check_tolerance:
+    if not gap <= cfg.ref.check_tolerance:  # NaN log-probs give a NaN gap: a failure, not a match
         raise TrainingError(
             f"precomputed reference log-probs do not match the starting policy: largest gap "
             f"{gap:.4g} nats over the first {len(probe)} examples (ref.check_tolerance="
