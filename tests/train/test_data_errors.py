@@ -23,6 +23,7 @@ CASES = [
     ("too_long.jsonl", "sft", "row 1, field 'completion'"),
     ("canonical_inf_ref_logp.jsonl", "qrpo", "row 1, field 'completions[0].ref_logp'"),
     ("ref_index_out_of_range.jsonl", "qrpo", "row 1, field 'ref_index'"),
+    ("latin1_prompt.jsonl", "sft", "row 1"),
 ]
 
 
