@@ -324,12 +324,21 @@ def parse_config(
 def exit_on_error(
     main: Callable[[list[str]], object], argv: list[str], errors: tuple = (ValueError,)
 ) -> None:
-    """Run a command's main; an expected failure (`errors`: ConfigError is a ValueError) ends
-    with its one-line message and exit code 2, without a traceback."""
+    """Run a command's main; an expected failure (`errors`: ConfigError is a ValueError), a full
+    disk or an unwritable output ends with its one-line message and exit code 2, without a
+    traceback."""
+    from qrpo.common.writable import os_error_message
+
     try:
         main(argv)
     except errors as err:
         print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as err:  # a full disk or a read-only output, named; any other: a traceback
+        message = os_error_message(err)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
 
 

@@ -25,8 +25,10 @@ from qrpo.common.config import ConfigError, to_yaml
 from qrpo.common.data import DataError, load_canonical
 from qrpo.common.flops import measure_peak_tflops, peak_memory_gb, train_flops_per_token
 from qrpo.common.model import ModelConfig, load_model, load_tokenizer
+from qrpo.common.model_files import check_model_path
 from qrpo.common.packing import Batch, Example, collate, pack
 from qrpo.common.tokenize import tokenize_rows
+from qrpo.common.writable import check_writable
 from qrpo.kernels.sequence_model import SequenceLogprobModel, compute_dtype, sequence_logps
 from qrpo.train.accelerator import freeze_reference, make_accelerator, make_optimizer
 from qrpo.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -102,7 +104,12 @@ def train(cfg: TrainConfig) -> dict:
     from accelerate.utils import set_seed
     from transformers import get_scheduler
 
-    # ---- data first: every data problem is reported before a model is loaded
+    # ---- paths and data first: a missing or damaged model, an unwritable run_dir and every
+    # data problem are reported before a model is loaded
+    check_model_path("model.name_or_path", cfg.model.name_or_path)
+    check_model_path("model.tokenizer", cfg.model.tokenizer, weights=False)
+    check_model_path("ref.name_or_path", cfg.ref.name_or_path)
+    check_writable("run.run_dir", cfg.run.run_dir)
     spec = get_algorithm(cfg.loss.algorithm)
     examples, tokenizer = load_examples(cfg)
     seqs_per_example = spec.sequences_per_example
@@ -149,7 +156,7 @@ def train(cfg: TrainConfig) -> dict:
             **{**asdict(cfg.model), "name_or_path": cfg.ref.name_or_path or cfg.model.name_or_path}
         )
         ref_model = SequenceLogprobModel(
-            load_model(ref_cfg, device, log=log), cfg.loss.kernel_backend
+            load_model(ref_cfg, device, log=log, key="ref.name_or_path"), cfg.loss.kernel_backend
         )
         ref_model = freeze_reference(ref_model.to(device), compute_dtype(cfg.run.mixed_precision))
     elif ref_source == "data":
