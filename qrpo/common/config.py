@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import errno
 import math
 import operator
 import sys
@@ -47,6 +48,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 T = TypeVar("T")
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 class ConfigError(ValueError):
@@ -321,14 +323,23 @@ def parse_config(
         parser.exit(2, f"{prog}: error: {err}\n")
 
 
+def os_error_message(err: OSError, where: str | Path | None = None) -> str | None:
+    """The one-line message of an OSError a command should end with, or None for one it should
+    not catch: a full disk or quota, and a read-only or forbidden output path."""
+    path = err.filename or where or "?"
+    if err.errno in DISK_FULL:
+        return f"disk full (no space left on device) while writing {path}"
+    if err.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return f"cannot write {path}: {err.strerror}"
+    return None
+
+
 def exit_on_error(
     main: Callable[[list[str]], object], argv: list[str], errors: tuple = (ValueError,)
 ) -> None:
     """Run a command's main; an expected failure (`errors`: ConfigError is a ValueError), a full
     disk or an unwritable output ends with its one-line message and exit code 2, without a
     traceback."""
-    from qrpo.common.writable import os_error_message
-
     try:
         main(argv)
     except errors as err:

@@ -4,15 +4,12 @@ a full disk (ENOSPC) failed inside torch or safetensors with nothing that says "
 
 from __future__ import annotations
 
-import errno
 import os
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
-from qrpo.common.config import ConfigError
-
-DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+from qrpo.common.config import DISK_FULL, ConfigError
 
 
 def check_writable(key: str, folder: str | Path) -> None:
@@ -31,17 +28,6 @@ def check_writable(key: str, folder: str | Path) -> None:
     except OSError as err:
         what = "disk full" if err.errno in DISK_FULL else (err.strerror or str(err))
         raise ConfigError(f"{key}: cannot write in {existing}: {what}") from None
-
-
-def os_error_message(err: OSError, where: str | Path | None = None) -> str | None:
-    """The one-line message of an OSError a command should end with, or None for one it should
-    not catch: a full disk or quota, and a read-only or forbidden output path."""
-    path = err.filename or where or "?"
-    if err.errno in DISK_FULL:
-        return f"disk full (no space left on device) while writing {path}"
-    if err.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
-        return f"cannot write {path}: {err.strerror}"
-    return None
 
 
 @contextmanager

@@ -2,9 +2,8 @@
 
 import sys
 
-from qrpo.common.config import ConfigError, parse_config
+from qrpo.common.config import ConfigError, os_error_message, parse_config
 from qrpo.common.data import DataError
-from qrpo.common.writable import os_error_message
 from qrpo.train.config import TrainConfig
 from qrpo.train.preemption import EXIT_PREEMPTED
 from qrpo.train.train import TrainingError, train
