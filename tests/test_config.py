@@ -218,3 +218,115 @@ def test_every_script_checks_choices_before_its_work(capsys, tmp_path):
     err = _exit_message(capsys, slurm_train, [*args, "sweep.loss.estimator=[inclusive,median]"])
     assert "'loss.estimator': 'median' is not one of" in err
     assert not run.exists()
+
+
+# --------------------------------------------------------------------------- numbers
+
+
+def _other(module: str, name: str):
+    def tree():
+        import importlib
+
+        return getattr(importlib.import_module(module), name)
+
+    return tree
+
+
+# (config tree, override, the dotted key the error must name): every tree with float keys,
+# and numbers inside lists and dicts, which no type check reaches.
+NONFINITE = [
+    (_train_cfg, "optim.lr=inf", "optim.lr"),
+    (_train_cfg, "loss.beta=nan", "loss.beta"),
+    (_train_cfg, "optim.eps=-inf", "optim.eps"),
+    (_train_cfg, "ref.check_tolerance=nan", "ref.check_tolerance"),
+    (_train_cfg, "loss.kto_threshold=inf", "loss.kto_threshold"),
+    (_train_cfg, "optim.betas=[0.9,.nan]", "optim.betas[1]"),
+    (_pipeline_cfg, "sample.temperature=nan", "sample.temperature"),
+    (_pipeline_cfg, "reward.sandbox.wall_seconds=inf", "reward.sandbox.wall_seconds"),
+    (_eval_cfg, "top_p=nan", "top_p"),
+    (_slurm_cfg, "env.X=.inf", "env.X"),
+    (_other("qrpo.pipelines.frontier", "FrontierConfig"), "betas.dpo=[.nan]", "betas.dpo[0]"),
+    (
+        _other("qrpo.pipelines.frontier", "FrontierConfig"),
+        "curves=[{name: a, betas: [.inf]}]",
+        "curves[0].betas[0]",
+    ),
+    (_other("qrpo.evaluate.partition_bandit", "BanditConfig"), "beta=nan", "beta"),
+    (_other("qrpo.train.bench_workload", "BenchConfig"), "lr=inf", "lr"),
+    (_other("qrpo.pipelines.demo", "DemoConfig"), "qrpo_beta=nan", "qrpo_beta"),
+]
+
+
+@pytest.mark.parametrize("tree,override,key", NONFINITE, ids=[n[1] for n in NONFINITE])
+def test_non_finite_numbers_are_refused_with_their_key(tree, override, key):
+    extra = ["models=[tiny]"] if tree is _eval_cfg else []
+    with pytest.raises(ConfigError) as info:
+        build_config(tree(), None, [*extra, override])
+    assert str(info.value).startswith(f"command line: config key '{key}': not finite: ")
+
+
+# Keys with a natural range; each value used to pass (NaN-unsafe `x <= 0`, or no check).
+OUT_OF_RANGE = [
+    (_train_cfg, "optim.lr=0", "optim.lr': must be > 0, got 0"),
+    (_train_cfg, "optim.eps=-1e-8", "optim.eps': must be >= 0"),
+    (_train_cfg, "optim.weight_decay=-0.1", "optim.weight_decay': must be >= 0"),
+    (_train_cfg, "optim.betas=[0.9,1.0]", "optim.betas[1]': must be >= 0 and < 1, got 1.0"),
+    (_train_cfg, "optim.betas=[0.9,nan]", "optim.betas[1]': not a number: 'nan'"),
+    (_train_cfg, "loss.tau=0", "loss.tau': must be > 0"),
+    (_train_cfg, "ref.check_rows=0", "ref.check_rows': must be >= 1"),
+    (_pipeline_cfg, "sample.vllm_memory=1.5", "sample.vllm_memory': must be > 0 and <= 1"),
+    (_eval_cfg, "temperature=-1", "temperature': must be >= 0"),
+]
+
+
+@pytest.mark.parametrize("tree,override,words", OUT_OF_RANGE, ids=[o[1] for o in OUT_OF_RANGE])
+def test_out_of_range_numbers_are_refused_with_their_key(tree, override, words):
+    extra = ["models=[tiny]"] if tree is _eval_cfg else []
+    with pytest.raises(ConfigError, match="config key '" + words.replace("[", r"\[")):
+        build_config(tree(), None, [*extra, override])
+
+
+def test_post_init_checks_and_python_built_trees_refuse_nan():
+    # Trees made in Python skip build_config: their own checks must fail NaN too.
+    from qrpo.common.sampling import SamplingConfig
+    from qrpo.pipelines.frontier import CurveConfig
+    from qrpo.train.config import LossConfig, OptimConfig, TrainConfig
+
+    nan = float("nan")
+    for make in (
+        lambda: LossConfig(beta=nan),
+        lambda: OptimConfig(lr=nan),
+        lambda: SamplingConfig(temperature=nan).check_sampling(),
+        lambda: CurveConfig(name="a", betas=[0.1, nan]),
+    ):
+        with pytest.raises(ConfigError):
+            make()
+    tree = TrainConfig()
+    tree.loss.gamma = float("inf")
+    with pytest.raises(ConfigError, match="config key 'loss.gamma': not finite: inf"):
+        check_choices(tree)
+
+
+def test_a_non_finite_lr_ends_the_train_command_in_one_line(tmp_path):
+    """`optim.lr=inf` used to train to the end and save an all-NaN model."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    run = tmp_path / "run"
+    out = subprocess.run(
+        [sys.executable, "-m", "qrpo.train", "optim.lr=inf", f"run.run_dir={run}"],
+        cwd=root,
+        env={**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "Traceback" not in out.stderr
+    assert out.stderr.strip().splitlines() == [
+        "python -m qrpo.train: error: command line: config key 'optim.lr': not finite: inf"
+    ]
+    assert not run.exists()

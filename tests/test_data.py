@@ -48,6 +48,8 @@ CASES = [
     ("canonical_ref_index.jsonl", False, 0, 1, "completions[0].ref_index", "-3 is out of range"),
     ("ref_index_out_of_range.jsonl", False, 0, 1, "ref_index", "2 is out of range"),
     ("ref_index_bool.jsonl", False, 0, 0, "ref_index", "expected an integer index, got True"),
+    # A Latin-1 file: the row and the byte are named, not a UnicodeDecodeError traceback.
+    ("latin1_prompt.jsonl", False, 0, 1, None, "not UTF-8 text: byte 0xe9 on line 2, column 16"),
 ]
 
 
@@ -74,6 +76,16 @@ def test_each_malformed_file_has_its_own_message():
         messages.add(str(info.value))
     assert len(messages) == len(CASES)
     assert len(list(MALFORMED.iterdir())) == len(CASES) + 1  # + too_long, tested below
+
+
+def test_a_non_utf8_json_array_names_the_file_and_line(tmp_path):
+    path = tmp_path / "rows.json"
+    text = (
+        '[\n  {"prompt": "a", "completion": "b"},\n  {"prompt": "caf\u00e9", "completion": "b"}\n]'
+    )
+    path.write_bytes(text.encode("latin-1"))
+    with pytest.raises(DataError, match=r"rows.json: not UTF-8 text: byte 0xe9 on line 3"):
+        load_canonical(DataConfig(path=str(path)))
 
 
 def test_too_long_errors_or_drops(tiny_tokenizer):

@@ -16,6 +16,14 @@ names the dotted key, lists the allowed values and suggests the nearest one:
     command line: config key 'loss.transform': 'sqrtt' is not one of identity, log, ...;
     did you mean 'sqrt'?
 
+Every number of the tree (a float field, or a number inside a list or dict) must be finite:
+`nan` and `inf` are refused with the dotted key, since a non-finite learning rate or beta
+trains an all-NaN model without another error. A field with a natural range declares it,
+`doc(1e-6, "...", gt=0)` (gt, ge, lt, le; a list field: each element); the check is written
+so that NaN fails it (`not x > 0`, never `x <= 0`, which is False for NaN):
+
+    command line: config key 'optim.lr': must be > 0, got -0.1
+
 A key that was renamed is declared in its class (`RENAMED = {"old": "new"}`), so the old
 spelling is an error that names the new key. `__post_init__` of each dataclass adds the checks
 that types alone cannot express. `--help` lists every dotted key with its type, default, doc and
@@ -27,6 +35,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import errno
+import math
+import operator
 import sys
 import typing
 from collections.abc import Callable, Sequence
@@ -37,21 +48,56 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 T = TypeVar("T")
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 class ConfigError(ValueError):
     """A configuration that cannot be used, with the key (and file) that is wrong."""
 
 
-def doc(default: Any, text: str) -> Any:
-    """A dataclass field with a default and a one-line description shown by `--help`."""
+# Range bounds a field may declare: name -> (test, sign shown in messages and --help).
+BOUNDS = {
+    "gt": (operator.gt, ">"),
+    "ge": (operator.ge, ">="),
+    "lt": (operator.lt, "<"),
+    "le": (operator.le, "<="),
+}
+
+
+def doc(default: Any, text: str, **bounds: float) -> Any:
+    """A dataclass field with a default and a one-line description shown by `--help`.
+
+    `bounds` (gt, ge, lt, le) declare the field's range, checked by `build_config` (a list
+    field: each element), e.g. `doc(1e-6, "peak learning rate", gt=0)`."""
+    unknown = set(bounds) - set(BOUNDS)
+    if unknown:
+        raise TypeError(f"doc(): unknown bounds {sorted(unknown)}; use {list(BOUNDS)}")
+    meta = {"doc": text, **({"bounds": bounds} if bounds else {})}
     if isinstance(default, (list, dict)):
-        return dataclasses.field(
-            default_factory=lambda: type(default)(default), metadata={"doc": text}
-        )
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata=meta)
     if dataclasses.is_dataclass(default):
-        return dataclasses.field(default_factory=lambda: default, metadata={"doc": text})
-    return dataclasses.field(default=default, metadata={"doc": text})
+        return dataclasses.field(default_factory=lambda: default, metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def bounds_text(bounds: dict) -> str:
+    return " and ".join(f"{BOUNDS[name][1]} {bound}" for name, bound in bounds.items())
+
+
+def number_error(key: str, value: Any, bounds: dict | None = None) -> str | None:
+    """None if `value` is fine for `key`, else what is wrong: a non-finite number, or (when the
+    field declares `bounds`) a value that is no number or lies outside them. NaN-safe: each
+    bound is tested as `not test(value, bound)`, so NaN never passes."""
+    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if is_number and not math.isfinite(value):
+        return f"config key '{key}': not finite: {value}"
+    if not bounds or value is None:
+        return None
+    if not is_number:
+        return f"config key '{key}': not a number: {value!r}"
+    if not all(BOUNDS[name][0](value, bound) for name, bound in bounds.items()):
+        return f"config key '{key}': must be {bounds_text(bounds)}, got {value}"
+    return None
 
 
 def choice(default: Any, values: Sequence | Callable[[], Sequence], text: str) -> Any:
@@ -90,8 +136,30 @@ def choice_error(key: str, value: Any, values: Sequence) -> str | None:
     return f"config key '{key}': {value!r} is not one of {', '.join(text)}{hint}"
 
 
+def _is_list(value: Any) -> bool:
+    return isinstance(value, (list, tuple)) or OmegaConf.is_list(value)
+
+
+def _numbers(key: str, value: Any) -> list[tuple[str, Any]]:
+    """Every scalar under `value` with its dotted key: lists, dicts and nested sections (a list
+    of dataclasses, an untyped dict of lists) are searched to the leaves."""
+    if _is_list(value):
+        return [item for k, v in enumerate(value) for item in _numbers(f"{key}[{k}]", v)]
+    if isinstance(value, dict) or OmegaConf.is_dict(value):
+        return [item for k, v in value.items() for item in _numbers(f"{key}.{k}", v)]
+    if dataclasses.is_dataclass(value):
+        return [
+            item
+            for f in dataclasses.fields(value)
+            for item in _numbers(f"{key}.{f.name}", getattr(value, f.name))
+        ]
+    return [(key, value)]
+
+
 def _walk_choices(cls: type, node: Any, prefix: str, where: Callable[[str], str]) -> list[str]:
-    """Every wrong choice in the tree under `node` (a DictConfig or a dataclass instance)."""
+    """Every wrong value in the tree under `node` (a DictConfig or a dataclass instance): a
+    value that is not one of its field's choices, a non-finite number anywhere, a number out of
+    its field's declared bounds."""
     problems = []
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
@@ -100,15 +168,14 @@ def _walk_choices(cls: type, node: Any, prefix: str, where: Callable[[str], str]
         if dataclasses.is_dataclass(hints[f.name]):
             problems += _walk_choices(hints[f.name], value, f"{key}.", where)
             continue
-        values = allowed_values(f)
-        if values is None or value is None:
-            continue
-        many = isinstance(value, (list, tuple)) or OmegaConf.is_list(value)
+        bounds = f.metadata.get("bounds")
+        many = _is_list(value)
         items = [(f"{key}[{k}]", v) for k, v in enumerate(value)] if many else [(key, value)]
-        for item_key, item in items:
-            problem = choice_error(item_key, item, values)
-            if problem:
-                problems.append(f"{where(key)}: {problem}" if where(key) else problem)
+        found = [number_error(k, v, bounds) for k, v in (items if bounds else _numbers(key, value))]
+        values = allowed_values(f)
+        if values is not None and value is not None:
+            found += [choice_error(k, v, values) for k, v in items]
+        problems += [f"{where(key)}: {p}" if where(key) else p for p in found if p]
     return problems
 
 
@@ -122,8 +189,9 @@ def _raise_choices(problems: list[str]) -> None:
 
 
 def check_choices(cfg: Any) -> None:
-    """Check every `choice` field of a config tree built in Python (build_config does this
-    itself, on the merged YAML and command line, before the dataclasses are made)."""
+    """Check every `choice` field, every number's finiteness and every declared range of a
+    config tree built in Python (build_config does this itself, on the merged YAML and command
+    line, before the dataclasses are made)."""
     _raise_choices(_walk_choices(type(cfg), cfg, "", lambda key: ""))
 
 
@@ -160,6 +228,8 @@ def config_help(cls: type, prefix: str = "") -> list[str]:
         values = allowed_values(f)
         if values is not None:
             text += f" {{{' | '.join(str(v) for v in values)}}}"
+        if f.metadata.get("bounds"):
+            text += f" ({bounds_text(f.metadata['bounds'])})"
         lines.append(f"  {key}: {_type_name(tp)} = {default}  # {text}")
     return lines
 
@@ -194,7 +264,8 @@ def build_config(
 ) -> T:
     """Defaults, then the YAML file, then `key.sub=value` overrides; returns a checked `cls`.
 
-    Choices are checked on the merged tree, before any `__post_init__` sees a value."""
+    Choices, finiteness and ranges are checked on the merged tree, before any `__post_init__`
+    sees a value."""
     merged = OmegaConf.structured(cls)
     from_file = OmegaConf.create()
     if config_file is not None:
@@ -218,7 +289,8 @@ def build_config(
             raise _friendly(err, "command line", cls) from None
 
     def where(key: str) -> str:
-        if key in from_cli:
+        # a key set whole (betas.dpo=[...]) or in part (env.X=...) on the command line
+        if key in from_cli or any(k.startswith((f"{key}.", f"{key}[")) for k in from_cli):
             return "command line"
         if OmegaConf.select(from_file, key) is not None:
             return str(config_file)
@@ -251,15 +323,33 @@ def parse_config(
         parser.exit(2, f"{prog}: error: {err}\n")
 
 
+def os_error_message(err: OSError, where: str | Path | None = None) -> str | None:
+    """The one-line message of an OSError a command should end with, or None for one it should
+    not catch: a full disk or quota, and a read-only or forbidden output path."""
+    path = err.filename or where or "?"
+    if err.errno in DISK_FULL:
+        return f"disk full (no space left on device) while writing {path}"
+    if err.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return f"cannot write {path}: {err.strerror}"
+    return None
+
+
 def exit_on_error(
     main: Callable[[list[str]], object], argv: list[str], errors: tuple = (ValueError,)
 ) -> None:
-    """Run a command's main; an expected failure (`errors`: ConfigError is a ValueError) ends
-    with its one-line message and exit code 2, without a traceback."""
+    """Run a command's main; an expected failure (`errors`: ConfigError is a ValueError), a full
+    disk or an unwritable output ends with its one-line message and exit code 2, without a
+    traceback."""
     try:
         main(argv)
     except errors as err:
         print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as err:  # a full disk or a read-only output, named; any other: a traceback
+        message = os_error_message(err)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
 
 

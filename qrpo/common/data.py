@@ -93,9 +93,30 @@ def _data_files(path: Path) -> tuple[list[Path], str]:
     return files, kinds.pop()
 
 
+def _utf8_text(path: Path) -> str:
+    """The file as text; a file that is not UTF-8 (Latin-1, UTF-16, ...) is a DataError naming
+    the row (the non-empty line) and the line and column of the first bad byte."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        before = data[: err.start]
+        line = before.count(b"\n")
+        column = err.start - (before.rfind(b"\n") + 1)
+        row = sum(1 for raw in before.split(b"\n")[:-1] if raw.strip())
+        json_array = path.suffix == ".json" and data.lstrip().startswith(b"[")
+        raise DataError(
+            str(path),
+            None if json_array else row,
+            None,
+            f"not UTF-8 text: byte 0x{data[err.start]:02x} on line {line + 1}, column "
+            f"{column + 1} (JSON data must be UTF-8; convert it, e.g. iconv -f latin1 -t utf-8)",
+        ) from None
+
+
 def read_json_rows(path: Path) -> list[dict]:
     """Plain-Python reading, used to locate a row that Arrow refused to load."""
-    text = path.read_text()
+    text = _utf8_text(path)
     if path.suffix == ".json" and text.lstrip().startswith("["):
         try:
             rows = json.loads(text)

@@ -10,6 +10,7 @@ import torch
 
 from qrpo.common.attention import ATTN_IMPLEMENTATIONS, choose_attention, register_attention
 from qrpo.common.config import choice, doc
+from qrpo.common.model_files import check_model_path
 from qrpo.common.tiny import TINY_NAME, ensure_tiny
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -43,18 +44,26 @@ def resolve(name_or_path: str) -> str:
     return str(ensure_tiny()) if name_or_path == TINY_NAME else name_or_path
 
 
-def load_tokenizer(cfg: ModelConfig):
+def load_tokenizer(cfg: ModelConfig, key: str = "model.name_or_path"):
     from transformers import AutoTokenizer
 
+    if cfg.tokenizer:
+        check_model_path(key.replace("name_or_path", "tokenizer"), cfg.tokenizer, weights=False)
+    else:
+        check_model_path(key, cfg.name_or_path)
     tok = AutoTokenizer.from_pretrained(resolve(cfg.tokenizer or cfg.name_or_path))
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok
 
 
-def load_model(cfg: ModelConfig, device: torch.device | str = "cpu", *, log=print):
+def load_model(
+    cfg: ModelConfig, device: torch.device | str = "cpu", *, log=print, key="model.name_or_path"
+):
+    """The causal LM; a path that cannot load is a one-line ModelError naming `key`."""
     from transformers import AutoModelForCausalLM
 
+    check_model_path(key, cfg.name_or_path)
     device = torch.device(device)
     attn, why = choose_attention(cfg.attn_implementation, device)
     register_attention()

@@ -31,7 +31,9 @@ class RewardModel:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         from qrpo.common.model import DTYPES, resolve
+        from qrpo.common.model_files import check_model_path
 
+        check_model_path("reward.model", cfg.model)
         path = resolve(cfg.model)
         self.cfg, self.device = cfg, _device(cfg.device)
         self.tokenizer = AutoTokenizer.from_pretrained(

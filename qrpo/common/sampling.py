@@ -28,8 +28,10 @@ class SamplingConfig:
     (evaluate with its own defaults for n, max_new_tokens and seed)."""
 
     n: int = doc(8, "completions per prompt: the K reference samples (paper: 50)")
-    temperature: float = doc(1.0, "sampling temperature (0: greedy)")
-    top_p: float = doc(1.0, "nucleus sampling: keep the most likely tokens up to this mass")
+    temperature: float = doc(1.0, "sampling temperature (0: greedy)", ge=0)
+    top_p: float = doc(
+        1.0, "nucleus sampling: keep the most likely tokens up to this mass", gt=0, le=1
+    )
     max_new_tokens: int = doc(256, "longest completion, in tokens")
     seed: int = doc(0, "base seed; each (prompt id, sample index) draws from its own stream")
     batch_size: int = doc(64, "sequences per generate() call (transformers backend)")
@@ -47,7 +49,7 @@ class SamplingConfig:
 
     def check_sampling(self, prefix: str = "") -> None:
         """The checks every user of these fields needs; `prefix` is the keys' dotted path."""
-        if self.temperature < 0 or not 0 < self.top_p <= 1:
+        if not self.temperature >= 0 or not 0 < self.top_p <= 1:  # NaN fails both
             raise ConfigError(f"{prefix}temperature must be >= 0 and {prefix}top_p in (0, 1]")
         if self.max_new_tokens < 1 or self.batch_size < 1:
             raise ConfigError(f"{prefix}max_new_tokens and {prefix}batch_size must be >= 1")

@@ -108,7 +108,7 @@ class SandboxConfig:
         if self.isolation not in ISOLATIONS:
             raise ValueError(f"isolation must be auto | namespaces | basic, got {self.isolation!r}")
         for name in ("cpu_seconds", "wall_seconds", "memory_mb", "nproc", "fsize_mb", "nofile"):
-            if getattr(self, name) <= 0:
+            if not getattr(self, name) > 0:  # NaN-safe
                 raise ValueError(f"sandbox.{name} must be positive")
 
 

@@ -8,7 +8,8 @@ from __future__ import annotations
 import sys
 
 from qrpo.common.config import exit_on_error, parse_config
-from qrpo.evaluate.evaluate import EvalConfig, evaluate
+from qrpo.common.writable import writing_to
+from qrpo.evaluate.evaluate import EvalConfig, evaluate, results_path
 
 __all__ = ["EvalConfig", "console_main", "evaluate", "main"]
 
@@ -20,7 +21,8 @@ def main(argv: list[str] | None = None) -> None:
         prog="python -m qrpo.evaluate",
         description="Compare policies with their reference (the first model) on held-out prompts.",
     )
-    evaluate(cfg)
+    with writing_to(results_path(cfg).parent):  # a full disk names the results folder
+        evaluate(cfg)
 
 
 def console_main() -> None:

@@ -39,11 +39,13 @@ import torch
 from qrpo.common.config import ConfigError, choice, doc, sub
 from qrpo.common.data import RowReader, content_hash, read_json_rows
 from qrpo.common.model import DTYPES, ModelConfig, load_model, load_tokenizer
+from qrpo.common.model_files import check_model_path
 from qrpo.common.rewards import RewardConfig, compute_rewards, load_reward
 from qrpo.common.run_lock import hold_file
 from qrpo.common.sampling import SamplingConfig, sample_completions
 from qrpo.common.tiny import TINY_NAME
 from qrpo.common.tokenize import encode_completion, encode_prompt
+from qrpo.common.writable import check_writable
 from qrpo.evaluate import metrics, plots
 from qrpo.kernels.logprobs_api import LOGPROB_BACKENDS
 
@@ -107,6 +109,13 @@ def resolve_model(path: str) -> str:
     if path != TINY_NAME and (Path(path) / "final" / "config.json").is_file():
         return str(Path(path) / "final")
     return path
+
+
+def results_path(cfg: EvalConfig) -> Path:
+    """`out`, or eval.json next to the last model's folder."""
+    last = resolve_model(cfg.models[-1])
+    default = Path("runs/eval") if last == TINY_NAME else Path(last).parent
+    return Path(cfg.out or default / "eval.json")
 
 
 def model_names(paths: list[str], names: list[str]) -> list[str]:
@@ -308,8 +317,12 @@ def evaluate(cfg: EvalConfig) -> dict:
     rows = load_rows(cfg)
     paths = [resolve_model(p) for p in cfg.models]
     names = model_names(list(cfg.models), list(cfg.names))
-    default = Path("runs/eval") if paths[-1] == TINY_NAME else Path(paths[-1]).parent
-    out = Path(cfg.out or default / "eval.json")
+    out = results_path(cfg)
+    # Every model folder (config and weight headers) before the first is loaded: a damaged last
+    # model used to fail only after the reference had been sampled and scored.
+    for k, path in enumerate(paths):
+        check_model_path(f"models[{k}]", path)
+    check_writable("out", out.parent)
     # A reward model runs where the policies do unless reward.device says otherwise. It (or the
     # sandbox) loads before the policies: a reward that cannot load stops before any sampling.
     reward_cfg = (
@@ -324,7 +337,7 @@ def evaluate(cfg: EvalConfig) -> dict:
 
 def _evaluate(cfg, rows, paths, names, out: Path, reward_cfg, device, t0: float) -> dict:
     prompts = [r["prompt"] for r in rows]
-    ref_tok = load_tokenizer(ModelConfig(name_or_path=paths[0]))
+    ref_tok = load_tokenizer(ModelConfig(name_or_path=paths[0]), key="models[0]")
     prompt_ids = [
         encode_prompt(ref_tok, "" if isinstance(p, list) else p, p if isinstance(p, list) else [])
         for p in prompts
@@ -333,8 +346,9 @@ def _evaluate(cfg, rows, paths, names, out: Path, reward_cfg, device, t0: float)
     ref_model = None
     for k, (name, path) in enumerate(zip(names, paths)):
         mcfg = ModelConfig(name_or_path=path, dtype=cfg.dtype, hub_kernels=cfg.hub_kernels)
-        model = load_model(mcfg, device, log=lambda *_: None).to(device).eval()
-        tok = ref_tok if k == 0 else load_tokenizer(mcfg)
+        model = load_model(mcfg, device, log=lambda *_: None, key=f"models[{k}]").to(device)
+        model.eval()
+        tok = ref_tok if k == 0 else load_tokenizer(mcfg, key=f"models[{k}]")
         if len(tok) != len(ref_tok) or tok.eos_token_id != ref_tok.eos_token_id:
             raise ConfigError(f"{path}: its tokenizer differs from the reference's ({paths[0]})")
         print(f"evaluate: {name} ({path}): sampling {cfg.n} x {len(prompts)} prompts", flush=True)

@@ -57,7 +57,7 @@ BANDIT_TRANSFORMS = ("identity", "log", "square", "sqrt")  # finite at q = 1 wit
 @dataclass
 class BanditConfig:
     out_dir: str = doc("runs/partition_bandit", "directory of the table, JSON and plot")
-    beta: float = doc(0.1, "KL coefficient")
+    beta: float = doc(0.1, "KL coefficient", gt=0)
     transform: str = doc("identity", f"f(q): {' | '.join(BANDIT_TRANSFORMS)}")
     ks: list = doc([0, 2, 4, 6], "reference set sizes K, enumerated exactly (0: exact pi_ref)")
     estimators: list = doc(["inclusive", "midrank"], "quantile estimators (deterministic ones)")

@@ -34,7 +34,7 @@ class SampleConfig(SamplingConfig):
     backend: str = choice(
         "auto", SAMPLE_BACKENDS, "sampling engine (auto: vllm when installed and on CUDA)"
     )
-    vllm_memory: float = doc(0.85, "vllm: fraction of GPU memory it may take")
+    vllm_memory: float = doc(0.85, "vllm: fraction of GPU memory it may take", gt=0, le=1)
 
     def __post_init__(self):
         if self.n < 0:

@@ -14,6 +14,8 @@ from pathlib import Path
 from qrpo.common import config
 from qrpo.common.config import ConfigError, parse_config, to_yaml
 from qrpo.common.data import DataError
+from qrpo.common.model_files import check_model_path
+from qrpo.common.writable import check_writable
 from qrpo.generate.config import PipelineConfig, fingerprint, step_input
 from qrpo.generate.records import read_data_groups, units_of
 from qrpo.generate.shards import (
@@ -90,7 +92,19 @@ def cli(
     cfg = parse_config(
         PipelineConfig, argv, prog=f"python -m qrpo.generate.{step}", description=description
     )
+    check_paths(cfg, list(cfg.steps) if step == "pipeline" else [step])
     return run(cfg)
+
+
+def check_paths(cfg: PipelineConfig, steps: list[str]) -> None:
+    """The models these steps load, and the output folder, before any step starts: a missing
+    model path is one line naming its key, not a hub error after the first step's work."""
+    if {"sample", "ref_logps"} & set(steps):
+        check_model_path("model.name_or_path", cfg.model.name_or_path)
+        check_model_path("model.tokenizer", cfg.model.tokenizer, weights=False)
+    if "reward" in steps and cfg.reward.fn == "model":
+        check_model_path("reward.model", cfg.reward.model)
+    check_writable("out", cfg.out)
 
 
 def exit_on_error(main: Callable[[list[str]], object], argv: list[str]) -> None:

@@ -61,7 +61,7 @@ class CurveConfig:
     name: str = doc("", "label in the table and plot; also the runs' folder name")
     config: str = doc(QRPO_TINY, "training config (YAML) the runs start from")
     data: str = doc("pointwise", "reference data: pointwise (every sample) | pairs (best/worst)")
-    betas: list = doc([], "loss.beta of each run (one point of the curve each)")
+    betas: list = doc([], "loss.beta of each run (one point of the curve each)", gt=0)
     overrides: list = doc([], "training overrides of every run, e.g. loss.transform=log")
     k: int = doc(0, "reference samples per training prompt (0: the frontier's k)")
 
@@ -70,7 +70,7 @@ class CurveConfig:
             raise ConfigError(f"curve name '{self.name}' must be non-empty, without '/'")
         if self.data not in DATA_KINDS:
             raise ConfigError(f"curve {self.name}: data must be one of {DATA_KINDS}")
-        if not self.betas or any(float(b) <= 0 for b in self.betas):
+        if not self.betas or not all(float(b) > 0 for b in self.betas):  # NaN fails
             raise ConfigError(f"curve {self.name}: betas must be a non-empty list of values > 0")
         if self.k < 0:
             raise ConfigError(f"curve {self.name}: k must be >= 0")

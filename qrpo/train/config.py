@@ -29,11 +29,11 @@ class LossConfig:
     algorithm: str = choice(
         "qrpo", algorithm_names, "training algorithm (qrpo/train/losses/: one file per algorithm)"
     )
-    beta: float = doc(1e-2, "QRPO/DPO/REBEL/KTO beta (SimPO: its beta)")
+    beta: float = doc(1e-2, "QRPO/DPO/REBEL/KTO beta (SimPO: its beta)", gt=0)
     length_normalized: bool = doc(
         False, "QRPO: beta_eff = beta/|y| per sample, clamped at max_beta"
     )
-    max_beta: float = doc(0.1, "QRPO: clamp of the length-normalised beta")
+    max_beta: float = doc(0.1, "QRPO: clamp of the length-normalised beta", gt=0)
     transform: str = choice("identity", TRANSFORMS, "QRPO f(q), the transform of the quantile")
     estimator: str = choice("inclusive", ESTIMATORS, "QRPO quantile estimator")
     exclude_self: bool = doc(True, "QRPO: leave a completion's own reward out of its reference set")
@@ -45,13 +45,13 @@ class LossConfig:
         "for ties; inclusive|midrank); see docs/partition.md",
     )
     gamma: float = doc(1.0, "SimPO margin gamma (paper: gamma/beta = 0.5)")
-    tau: float = doc(1.0, "DRO / reward-partition temperature tau")
+    tau: float = doc(1.0, "DRO / reward-partition temperature tau", gt=0)
     kto_threshold: float = doc(
         0.5, "KTO: a completion is desirable when reward >= this (pairs: chosen)"
     )
-    kto_desirable_weight: float = doc(1.0, "KTO: weight of desirable examples")
-    kto_undesirable_weight: float = doc(1.0, "KTO: weight of undesirable examples")
-    value_lr: float = doc(1e-2, "DRO: learning rate of the per-prompt value table")
+    kto_desirable_weight: float = doc(1.0, "KTO: weight of desirable examples", ge=0)
+    kto_undesirable_weight: float = doc(1.0, "KTO: weight of undesirable examples", ge=0)
+    value_lr: float = doc(1e-2, "DRO: learning rate of the per-prompt value table", ge=0)
     kernel_backend: str = choice("auto", LOGPROB_BACKENDS, "log-prob kernel")
     fused_head: Optional[bool] = doc(
         None,
@@ -60,7 +60,7 @@ class LossConfig:
     )
 
     def __post_init__(self):
-        if self.beta <= 0:
+        if not self.beta > 0:  # NaN-safe: NaN <= 0 is False
             raise ConfigError("loss.beta must be > 0")
         if self.partition == "empirical" and self.estimator not in EMPIRICAL_ESTIMATORS:
             raise ConfigError(
@@ -77,22 +77,26 @@ class ReferenceConfig:
         "reference log-probs: data (precomputed), model (on the fly), auto (data when complete)",
     )
     name_or_path: str = doc("", "reference model for source=model (default: the policy's start)")
-    check_rows: int = doc(8, "rows on which precomputed log-probs are checked against the start")
-    check_tolerance: float = doc(1e-2, "largest allowed |precomputed - recomputed| in nats")
+    check_rows: int = doc(
+        8, "rows on which precomputed log-probs are checked against the start", ge=1
+    )
+    check_tolerance: float = doc(1e-2, "largest allowed |precomputed - recomputed| in nats", ge=0)
 
 
 @dataclass
 class OptimConfig:
-    lr: float = doc(1e-6, "peak learning rate (AdamW)")
-    weight_decay: float = doc(0.0, "AdamW weight decay")
-    betas: list = doc([0.9, 0.999], "AdamW betas")
-    eps: float = doc(1e-8, "AdamW eps")
+    lr: float = doc(1e-6, "peak learning rate (AdamW)", gt=0)
+    weight_decay: float = doc(0.0, "AdamW weight decay", ge=0)
+    betas: list = doc([0.9, 0.999], "AdamW betas", ge=0, lt=1)
+    eps: float = doc(1e-8, "AdamW eps", ge=0)
     scheduler: str = choice("cosine", scheduler_names, "transformers get_scheduler name")
-    warmup_ratio: float = doc(0.1, "warm-up steps as a fraction of all steps")
-    max_grad_norm: float = doc(0.0, "gradient clipping norm (0: no clipping; the norm is logged)")
+    warmup_ratio: float = doc(0.1, "warm-up steps as a fraction of all steps", ge=0, lt=1)
+    max_grad_norm: float = doc(
+        0.0, "gradient clipping norm (0: no clipping; the norm is logged)", ge=0
+    )
 
     def __post_init__(self):
-        if self.lr <= 0:
+        if not self.lr > 0:
             raise ConfigError("optim.lr must be > 0")
         if not 0 <= self.warmup_ratio < 1:
             raise ConfigError("optim.warmup_ratio must be in [0, 1)")
@@ -115,7 +119,7 @@ class RunConfig:
         ["tensorboard"], "accelerate trackers: tensorboard, wandb, ... ([] for none)"
     )
     project: str = doc("qrpo", "tracker project name")
-    peak_tflops: float = doc(0.0, "peak TFLOP/s for MFU (0: measure a matmul at start)")
+    peak_tflops: float = doc(0.0, "peak TFLOP/s for MFU (0: measure a matmul at start)", ge=0)
     plot: bool = doc(True, "write training_curves.png at the end")
     preempt_signals: list = doc(
         ["SIGUSR2"], "signals that mean 'checkpoint at the next step and exit with code 75'"

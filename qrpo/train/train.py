@@ -25,9 +25,11 @@ from qrpo.common.config import ConfigError, to_yaml
 from qrpo.common.data import DataError, load_canonical
 from qrpo.common.flops import measure_peak_tflops, peak_memory_gb, train_flops_per_token
 from qrpo.common.model import ModelConfig, load_model, load_tokenizer
+from qrpo.common.model_files import check_model_path
 from qrpo.common.packing import Batch, Example, collate, pack
 from qrpo.common.run_lock import check_free, hold
 from qrpo.common.tokenize import tokenize_rows
+from qrpo.common.writable import check_writable
 from qrpo.kernels.sequence_model import SequenceLogprobModel, compute_dtype, sequence_logps
 from qrpo.train.accelerator import freeze_reference, make_accelerator, make_optimizer
 from qrpo.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -86,7 +88,7 @@ def check_precomputed_reference(policy, examples, cfg: TrainConfig, device) -> f
     ours = sequence_logps(policy, probe, cfg.run.micro_batch_tokens, device).cpu()
     theirs = torch.tensor([s.ref_logp for e in probe for s in e.sequences])
     gap = (ours - theirs).abs().max().item()
-    if gap > cfg.ref.check_tolerance:
+    if not gap <= cfg.ref.check_tolerance:  # NaN log-probs give a NaN gap: a failure, not a match
         raise TrainingError(
             f"precomputed reference log-probs do not match the starting policy: largest gap "
             f"{gap:.4g} nats over the first {len(probe)} examples (ref.check_tolerance="
@@ -111,7 +113,12 @@ def _train(cfg: TrainConfig, held: ExitStack) -> dict:
     from accelerate.utils import set_seed
     from transformers import get_scheduler
 
-    # ---- data first: every data problem is reported before a model is loaded
+    # ---- paths and data first: a missing or damaged model, an unwritable run_dir and every
+    # data problem are reported before a model is loaded
+    check_model_path("model.name_or_path", cfg.model.name_or_path)
+    check_model_path("model.tokenizer", cfg.model.tokenizer, weights=False)
+    check_model_path("ref.name_or_path", cfg.ref.name_or_path)
+    check_writable("run.run_dir", cfg.run.run_dir)
     spec = get_algorithm(cfg.loss.algorithm)
     examples, tokenizer = load_examples(cfg)
     seqs_per_example = spec.sequences_per_example
@@ -172,7 +179,7 @@ def _train(cfg: TrainConfig, held: ExitStack) -> dict:
             **{**asdict(cfg.model), "name_or_path": cfg.ref.name_or_path or cfg.model.name_or_path}
         )
         ref_model = SequenceLogprobModel(
-            load_model(ref_cfg, device, log=log), cfg.loss.kernel_backend
+            load_model(ref_cfg, device, log=log, key="ref.name_or_path"), cfg.loss.kernel_backend
         )
         ref_model = freeze_reference(ref_model.to(device), compute_dtype(cfg.run.mixed_precision))
     elif ref_source == "data":

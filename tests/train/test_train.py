@@ -120,6 +120,25 @@ def test_precomputed_and_on_the_fly_reference_agree(tmp_path, data_files):
         train(train_config(tmp_path / "c", wrong, "qrpo", "ref.source=data"))
 
 
+def test_nan_log_probs_of_the_start_fail_the_reference_check(tmp_path, data_files):
+    """A starting policy whose log-probs are NaN (a damaged checkpoint) gives a NaN gap: that
+    used to pass the check as a "match", since `NaN > tol` is False."""
+    from qrpo.common.model import load_model
+    from qrpo.train.train import check_precomputed_reference
+
+    cfg = train_config(tmp_path, data_files["grouped"], "qrpo", "ref.source=data")
+    examples, _ = load_examples(cfg)
+    for e in examples:
+        for s in e.sequences:
+            s.ref_logp = -5.0
+    causal_lm = load_model(cfg.model, log=lambda *_: None)
+    with torch.no_grad():
+        causal_lm.get_output_embeddings().weight.fill_(float("nan"))
+    policy = SequenceLogprobModel(causal_lm, "torch").eval()
+    with pytest.raises(TrainingError, match="largest gap nan nats"):
+        check_precomputed_reference(policy, examples, cfg, "cpu")
+
+
 def test_bad_data_stops_before_any_model_is_loaded(tmp_path, monkeypatch):
     import qrpo.train.train as loop
 
