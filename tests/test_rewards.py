@@ -3,6 +3,7 @@ scores generate's reference samples and evaluate's held-out samples alike; the c
 serves the reward step too; the renamed key `reward.kind` names its new key."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -115,3 +116,50 @@ def test_unknown_and_renamed_reward_keys_name_what_to_write():
         RewardConfig(fn="wordz")
     with pytest.raises(ConfigError, match="cannot import no_such_module"):
         evaluate(EvalConfig(models=["tiny"], reward=RewardConfig(fn="no_such_module:words")))
+
+
+@pytest.fixture
+def broken_rewards():
+    """Two user rewards that fail before any sampling should: a wrong signature, and a body
+    that reads a column the rows do not have."""
+
+    @register_reward("two_args")
+    def two_args(rows, completions):
+        return [[0.0 for _ in cs] for cs in completions]
+
+    @register_reward("needs_column")
+    def needs_column(rows, completions, cfg):
+        return [[float(r["answer"]) for _ in cs] for r, cs in zip(rows, completions)]
+
+    yield
+    del REWARDS["two_args"], REWARDS["needs_column"]
+
+
+@pytest.mark.parametrize(
+    "fn,words",
+    [("two_args", "a reward takes (rows, completions, cfg)"), ("needs_column", "KeyError")],
+)
+def test_evaluate_checks_the_reward_before_sampling(
+    tmp_path, monkeypatch, broken_rewards, fn, words
+):
+    import qrpo.evaluate.evaluate as ev
+
+    def no_sampling(*args, **kwargs):
+        raise AssertionError("sampled before the reward was checked")
+
+    monkeypatch.setattr(ev, "sample_completions", no_sampling)
+    cfg = EvalConfig(
+        models=["tiny"], reward=RewardConfig(fn=fn), n_prompts=2, out=str(tmp_path / "e.json")
+    )
+    with pytest.raises(ConfigError, match=f"reward.fn={fn}: .*{re.escape(words)}"):
+        evaluate(cfg)
+
+
+def test_generate_checks_the_reward_signature_before_sampling(tmp_path, broken_rewards):
+    from qrpo.generate.pipeline import run_pipeline
+
+    data = _write(tmp_path / "prompts.jsonl", [{"prompt": p} for p in TASK.prompts("eval", 2)])
+    cfg = _pipeline(tmp_path / "gen", data, "steps=[sample,reward]", "reward.fn=two_args")
+    with pytest.raises(ConfigError, match=r"reward.fn=two_args: a reward takes"):
+        run_pipeline(cfg, QUIET)
+    assert not (tmp_path / "gen" / "sample").exists()

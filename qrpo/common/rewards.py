@@ -31,6 +31,7 @@ for a reward outside the repository: the module is imported when the reward is f
 from __future__ import annotations
 
 import importlib
+import inspect
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import ClassVar
@@ -198,13 +199,40 @@ def code_reward(rows: list[dict], completions: list[list[str]], cfg: RewardConfi
 
 
 _LOADERS = {"model": _reward_model, "code": _sandbox}
+BUILT_IN = ("task", "model", "code")
 
 
-def load_reward(cfg: RewardConfig) -> Reward:
-    """The reward `cfg.fn` names, with what a built-in one loads (the reward model, the probed
-    sandbox) loaded now: a wrong path or an unusable sandbox stops a run before its first sample
-    is scored, and the first chunk's time is scoring alone."""
+def check_reward(cfg: RewardConfig, row: dict | None = None) -> Reward:
+    """The reward `cfg.fn` names, checked before any sampling: it must take (rows, completions,
+    cfg), and, given a row, a dry call on it with one empty completion must score it (built-in
+    rewards, which need their model or sandbox loaded, skip the dry call)."""
     fn = reward_function(cfg.fn)
+    try:
+        inspect.signature(fn).bind([], [], cfg)
+    except TypeError:
+        raise ConfigError(
+            f"reward.fn={cfg.fn}: a reward takes (rows, completions, cfg); "
+            f"{getattr(fn, '__name__', fn)} takes {inspect.signature(fn)}"
+        ) from None
+    except ValueError:  # no signature to read (a builtin): the dry call below decides
+        pass
+    if row is not None and cfg.fn not in BUILT_IN:
+        try:
+            compute_rewards(cfg, [row], [[""]])
+        except Exception as err:  # the user's code: any failure is a failed dry call
+            raise ConfigError(
+                f"reward.fn={cfg.fn}: a dry call on the first row with an empty completion "
+                f"failed before any sampling: {type(err).__name__}: {err}"
+            ) from None
+    return fn
+
+
+def load_reward(cfg: RewardConfig, row: dict | None = None) -> Reward:
+    """The reward `cfg.fn` names, checked (`check_reward`, a dry call on `row` when given), with
+    what a built-in one loads (the reward model, the probed sandbox) loaded now: a wrong path or
+    an unusable sandbox stops a run before its first sample is scored, and the first chunk's
+    time is scoring alone."""
+    fn = check_reward(cfg, row)
     if cfg.fn in _LOADERS:
         _LOADERS[cfg.fn](cfg)
     return fn

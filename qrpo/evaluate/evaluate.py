@@ -328,7 +328,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     reward_cfg = (
         replace(cfg.reward, device=str(device)) if cfg.reward.device == "auto" else cfg.reward
     )
-    load_reward(reward_cfg)
+    load_reward(reward_cfg, rows[0] if rows else None)
     # One evaluation per results file (OUT.lock beside it): two would overwrite each other's
     # JSON and interleave the samples file. Evaluations into other files of the folder run.
     with hold_file(out, "out"):

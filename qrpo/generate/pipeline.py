@@ -37,6 +37,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from qrpo.common.rewards import check_reward
 from qrpo.common.run_lock import RunLockError
 from qrpo.generate import build, ref_logps, reward, sample
 from qrpo.generate.config import PipelineConfig
@@ -65,6 +66,8 @@ def run_pipeline(cfg: PipelineConfig, log: Callable[[str], None] = log) -> dict:
     of its step has finished, so the last shard to finish merges."""
     results = {}
     _, num_shards = resolve_shard(cfg.shard, cfg.num_shards)
+    if "reward" in cfg.steps:  # a reward that cannot be called stops before sampling, not after
+        check_reward(cfg.reward)
     for step in cfg.steps:
         if step == "merge" and num_shards > 1:
             step_dir = Path(cfg.out) / merged_step(cfg)
