@@ -74,6 +74,18 @@ class CurveConfig:
             raise ConfigError(f"curve {self.name}: betas must be a non-empty list of values > 0")
         if self.k < 0:
             raise ConfigError(f"curve {self.name}: k must be >= 0")
+        texts = [beta_text(b) for b in self.betas]
+        twice = sorted({t for t in texts if texts.count(t) > 1})
+        if twice:  # one run folder per beta: a repeat would train the same point twice into it
+            raise ConfigError(f"curve {self.name}: beta {', '.join(twice)} is listed twice")
+
+
+def beta_text(beta) -> str:
+    """A beta as its run folder names it: the short form (0.1, 1, 1e-05) where that reads back
+    as the same float, else the exact one (0.1000001 is not 0.1's folder)."""
+    beta = float(beta)
+    short = f"{beta:g}"
+    return short if float(short) == beta else repr(beta)
 
 
 def _curve(name, config, data, betas, *overrides, k=0) -> CurveConfig:
@@ -186,7 +198,7 @@ class RunSpec:
 
     @property
     def name(self) -> str:
-        return f"{self.curve.name}/beta{self.beta:g}"
+        return f"{self.curve.name}/beta{beta_text(self.beta)}"
 
     @property
     def eval_file(self) -> Path:
@@ -270,7 +282,7 @@ def plan(cfg: FrontierConfig, curves: list[CurveConfig]) -> list[RunSpec]:
     for seed in cfg.seeds:
         for curve in curves:
             for beta in curve.betas:
-                run_dir = Path(cfg.out) / f"seed{seed}" / curve.name / f"beta{float(beta):g}"
+                run_dir = Path(cfg.out) / f"seed{seed}" / curve.name / f"beta{beta_text(beta)}"
                 specs.append(RunSpec(curve, float(beta), int(seed), curve.k or cfg.k, run_dir))
     return specs
 

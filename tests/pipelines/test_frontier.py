@@ -126,3 +126,20 @@ def test_config_errors_name_the_curve():
     else:
         with pytest.raises(ConfigError, match="loss.partition"):
             cfg.active_curves()
+
+
+def test_run_folders_keep_close_betas_apart_and_refuse_a_repeat(tmp_path):
+    """0.1 and 0.1000001 printed alike with :g and shared a run folder; a repeated beta would
+    train one point twice into one folder."""
+    from qrpo.pipelines.frontier import beta_text, plan
+
+    cfg = build_config(
+        FrontierConfig, None, [f"out={tmp_path}", "only=[dpo]", "betas.dpo=[0.1,0.1000001,1,1e-05]"]
+    )
+    folders = [spec.run_dir.name for spec in plan(cfg, cfg.active_curves())]
+    assert folders[:4] == ["beta0.1", "beta0.1000001", "beta1", "beta1e-05"]
+    assert beta_text(3.0) == "3" and beta_text(1 / 3) == repr(1 / 3)
+    with pytest.raises(ConfigError, match="curve dpo: beta 0.1 is listed twice"):
+        build_config(
+            FrontierConfig, None, ["only=[dpo]", "betas.dpo=[0.1,0.3,0.1]"]
+        ).active_curves()
