@@ -34,6 +34,14 @@ METRICS = [
 ]
 
 
+def beta_text(beta) -> str:
+    """A beta as its run folder names it: the short form (0.1, 1, 1e-05) where that reads back
+    as the same float, else the exact one (0.1000001 is not 0.1's folder)."""
+    beta = float(beta)
+    short = f"{beta:g}"
+    return short if float(short) == beta else repr(beta)
+
+
 def reference_samples_hash(samples_file: Path, reference: str) -> str:
     """SHA-256 of the reference's held-out samples (prompt, sample index, completion)."""
     digest = hashlib.sha256()
@@ -104,7 +112,7 @@ def markdown(rows: list[dict], ref: dict, records: list[dict]) -> str:
     head = ["curve", "beta", "K", "seeds", *shown]
     lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     for row in [ref, *rows]:
-        beta = "-" if row["curve"] == "reference" else f"{row['beta']:g}"
+        beta = "-" if row["curve"] == "reference" else beta_text(row["beta"])
         cells = [row["curve"], beta, _num(row["k"]), str(row["seeds"])]
         for col in shown:
             se = row.get(f"{col}_se", math.nan)
@@ -168,7 +176,7 @@ def plot(rows: list[dict], ref: dict, curve_order: list[str], path: Path) -> Pat
             )
             for r in pts:
                 ax.annotate(
-                    f"{r['beta']:g}",
+                    beta_text(r["beta"]),
                     (r["kl_k3_median"], r[col]),
                     textcoords="offset points",
                     xytext=(3, 3),

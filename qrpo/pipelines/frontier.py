@@ -46,7 +46,7 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 from qrpo.common.config import ConfigError, build_config, doc, parse_config
-from qrpo.evaluate.frontier_report import reference_samples_hash, write_report
+from qrpo.evaluate.frontier_report import beta_text, reference_samples_hash, write_report
 from qrpo.kernels.partition import PARTITIONS
 
 QRPO_TINY = "configs/train/qrpo_tiny.yaml"
@@ -78,14 +78,6 @@ class CurveConfig:
         twice = sorted({t for t in texts if texts.count(t) > 1})
         if twice:  # one run folder per beta: a repeat would train the same point twice into it
             raise ConfigError(f"curve {self.name}: beta {', '.join(twice)} is listed twice")
-
-
-def beta_text(beta) -> str:
-    """A beta as its run folder names it: the short form (0.1, 1, 1e-05) where that reads back
-    as the same float, else the exact one (0.1000001 is not 0.1's folder)."""
-    beta = float(beta)
-    short = f"{beta:g}"
-    return short if float(short) == beta else repr(beta)
 
 
 def _curve(name, config, data, betas, *overrides, k=0) -> CurveConfig:

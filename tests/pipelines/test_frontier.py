@@ -131,7 +131,8 @@ def test_config_errors_name_the_curve():
 def test_run_folders_keep_close_betas_apart_and_refuse_a_repeat(tmp_path):
     """0.1 and 0.1000001 printed alike with :g and shared a run folder; a repeated beta would
     train one point twice into one folder."""
-    from qrpo.pipelines.frontier import beta_text, plan
+    from qrpo.evaluate.frontier_report import beta_text
+    from qrpo.pipelines.frontier import plan
 
     cfg = build_config(
         FrontierConfig, None, [f"out={tmp_path}", "only=[dpo]", "betas.dpo=[0.1,0.1000001,1,1e-05]"]
