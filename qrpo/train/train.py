@@ -147,12 +147,12 @@ def _train(cfg: TrainConfig, held: ExitStack) -> dict:
     if accelerator.is_main_process:
         check_free(run_dir, "run.run_dir")
     # Whether this start resumes, and with which config and data: decided before any model loads.
-    plan_resume(cfg, data_fingerprint, per_step, log=lambda *_: None)  # the second call logs
+    plan_resume(cfg, data_fingerprint, per_step, log)  # says which checkpoints it skipped
     if accelerator.is_main_process:
         held.enter_context(hold(run_dir, "run.run_dir"))
     accelerator.wait_for_everyone()
     # ... and planned again under the lock, from what an earlier holder may have written since.
-    plan = plan_resume(cfg, data_fingerprint, per_step, log)
+    plan = plan_resume(cfg, data_fingerprint, per_step, log=lambda *_: None)  # logged above
     accelerator.wait_for_everyone()  # every process has planned from the old config.yaml
     if accelerator.is_main_process:
         record_start(cfg, plan, log)  # config.yaml, and this start in config_history.yaml

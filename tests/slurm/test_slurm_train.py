@@ -251,7 +251,7 @@ def test_bad_configs_fail_before_submission(slurm_cluster, train_yaml, tmp_path)
         (["nodes=3"], "nodes=3 but partition 'debug' has 2 node(s)"),
         (["gpus_per_node=1"], "gpus_per_node=1 but partition 'debug' has no GPUs"),
         ([f"data.path={tmp_path / 'missing.jsonl'}"], "missing.jsonl: no such file or folder"),
-        (["loss.beta=-1"], "loss.beta must be > 0"),
+        (["loss.beta=-1"], "config key 'loss.beta': must be > 0"),
         (["run.preempt_signals=[]"], "lacks SIGUSR2"),
     ]
     for args, message in cases:
