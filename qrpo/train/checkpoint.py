@@ -59,6 +59,19 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+# Folders whose hashes matched their manifest in this process, with each file's stat then. The
+# loop plans its resume twice (before taking the run lock and again under it); a multi-GB
+# checkpoint is read once, unless a file of it was written since (its size, mtime or ctime).
+_VERIFIED: dict[Path, tuple] = {}
+
+
+def _stat_stamp(folder: Path, names: list[str]) -> tuple:
+    stats = [(folder / n).stat() for n in names]
+    return tuple(
+        (n, s.st_ino, s.st_size, s.st_mtime_ns, s.st_ctime_ns) for n, s in zip(names, stats)
+    )
+
+
 def _hash_all(folder: Path, names: list[str]) -> dict[str, str]:
     # hashlib releases the GIL on large updates: the files of a multi-GB checkpoint (model,
     # optimizer, one shard per rank) are hashed in parallel, one read each.
@@ -101,10 +114,14 @@ def check_checkpoint(folder: Path, hashes: bool) -> str | None:
         if size != meta["size"]:
             return f"{name} is {size} bytes, the manifest says {meta['size']}"
     if hashes:
+        stamp = _stat_stamp(folder, list(files))
+        if _VERIFIED.get(folder.resolve()) == stamp:
+            return None
         got = _hash_all(folder, list(files))
         for name, meta in files.items():
             if got[name] != meta["sha256"]:
                 return f"{name} does not match its sha256 in the manifest"
+        _VERIFIED[folder.resolve()] = stamp
     return None
 
 

@@ -235,3 +235,20 @@ def test_torn_log_tails_are_trimmed_on_resume(tmp_path, data, capsys):
     assert _losses(run)[:2] == full and len(_losses(run)) == 3
     history = yaml.safe_load((run / HISTORY).read_text())
     assert [h["action"] for h in history] == ["fresh", "resumed at step 2"]
+
+
+def test_a_verified_checkpoint_is_hashed_once_until_a_file_changes(tmp_path, monkeypatch):
+    """The loop plans its resume twice (before the run lock and under it): the second plan must
+    not read a multi-GB checkpoint again, but a file written since is hashed anew."""
+    import qrpo.train.checkpoint as ckpt
+
+    _fake(tmp_path, 2)
+    reads = []
+    real = ckpt._sha256
+    monkeypatch.setattr(ckpt, "_sha256", lambda path: reads.append(path.name) or real(path))
+    assert find_checkpoint(tmp_path).step == 2 and find_checkpoint(tmp_path).step == 2
+    assert sorted(reads) == ["optimizer.bin", "trainer.json"]
+    optimizer = tmp_path / "checkpoints" / "step_00000002" / "optimizer.bin"
+    optimizer.write_bytes(b"y" * 100)  # same size, other bytes
+    found = find_checkpoint(tmp_path)
+    assert found.checkpoint is None and "does not match its sha256" in found.skipped_line()
