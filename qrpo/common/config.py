@@ -195,6 +195,22 @@ def check_choices(cfg: Any) -> None:
     _raise_choices(_walk_choices(type(cfg), cfg, "", lambda key: ""))
 
 
+def dotted_leaves(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """Dotted key -> value for every leaf of a config tree, a dataclass or a plain dict (a saved
+    config read back), at any depth; tuples as lists, so that both kinds compare alike."""
+    if dataclasses.is_dataclass(tree):
+        items = [(f.name, getattr(tree, f.name)) for f in dataclasses.fields(tree)]
+    else:
+        items = list(tree.items())
+    out = {}
+    for name, value in items:
+        if dataclasses.is_dataclass(value) or isinstance(value, dict):
+            out.update(dotted_leaves(value, f"{prefix}{name}."))
+        else:
+            out[f"{prefix}{name}"] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
 def sub(cls: type, text: str = "") -> Any:
     """A nested config section, built from its own defaults."""
     return dataclasses.field(default_factory=cls, metadata={"doc": text})

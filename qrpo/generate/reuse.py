@@ -6,6 +6,8 @@ from __future__ import annotations
 import hashlib
 import json
 
+from qrpo.common.config import dotted_leaves
+
 
 def input_fingerprint(units: list[list[dict]]) -> str:
     """A content hash of a shard's input rows: the step before was rerun, or data.path edited,
@@ -22,7 +24,7 @@ def changed_keys(old: dict, new: dict, keys: tuple[str, ...]) -> list[str]:
         if key not in old or old[key] == new[key]:
             continue
         if key == "config":
-            a, b = _flat(old[key]), _flat(new[key])
+            a, b = dotted_leaves(old[key]), dotted_leaves(new[key])
             out += [
                 f"{k} ({_show(a.get(k))} -> {_show(b.get(k))})"
                 for k in sorted(a.keys() | b.keys())
@@ -35,16 +37,6 @@ def changed_keys(old: dict, new: dict, keys: tuple[str, ...]) -> list[str]:
                 out.append("chunks (other prompts per chunk)")
         else:
             out.append(f"{key} ({_show(old[key])} -> {_show(new[key])})")
-    return out
-
-
-def _flat(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
     return out
 
 

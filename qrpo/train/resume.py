@@ -34,13 +34,12 @@ RUN_DIR/config.yaml is always the configuration of the latest start.
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qrpo.common.config import ConfigError, load_saved_config, save_config
+from qrpo.common.config import ConfigError, dotted_leaves, load_saved_config, save_config
 from qrpo.common.run_lock import LOCK_NAME
 from qrpo.train.checkpoint import Found, find_checkpoint
 from qrpo.train.config import TrainConfig
@@ -91,22 +90,6 @@ def schedule_length(cfg: TrainConfig, num_examples: int, per_step: int) -> int:
     if cfg.run.max_steps:
         total = min(total, cfg.run.max_steps) if cfg.run.epochs else cfg.run.max_steps
     return total
-
-
-def flat(cfg: TrainConfig) -> dict[str, Any]:
-    """Dotted key -> value, for every leaf of the tree."""
-    out = {}
-
-    def walk(node: Any, prefix: str) -> None:
-        for f in dataclasses.fields(node):
-            value = getattr(node, f.name)
-            if dataclasses.is_dataclass(value):
-                walk(value, f"{prefix}{f.name}.")
-            else:
-                out[f"{prefix}{f.name}"] = list(value) if isinstance(value, tuple) else value
-
-    walk(cfg, "")
-    return out
 
 
 def lr_multipliers(cfg: TrainConfig, total: int, steps: int) -> list[float] | None:
@@ -207,7 +190,7 @@ def plan_resume(cfg: TrainConfig, data: dict, per_step: int, log=print) -> Resum
             ) from None
         plan.trajectory["config.yaml"] = " (unreadable)"
         return plan
-    old, new = flat(saved), flat(cfg)
+    old, new = dotted_leaves(saved), dotted_leaves(cfg)
     plan.changes = {k: (old.get(k), v) for k, v in new.items() if old.get(k) != v}
     plan.trajectory = _trajectory_changes(
         saved, cfg, plan.changes, plan.step, num_examples, per_step
@@ -257,7 +240,7 @@ def check_history_without_checkpoint(
         except ConfigError:
             why = "an unreadable config.yaml"
         else:
-            old, new = flat(saved), flat(cfg)
+            old, new = dotted_leaves(saved), dotted_leaves(cfg)
             changes = {k: (old.get(k), v) for k, v in new.items() if old.get(k) != v}
             changed = _trajectory_changes(saved, cfg, changes, 0, num_examples, per_step)
             if changed:
