@@ -47,10 +47,11 @@ def resolve(name_or_path: str) -> str:
 def load_tokenizer(cfg: ModelConfig, key: str = "model.name_or_path"):
     from transformers import AutoTokenizer
 
+    # The tokenizer's folder only: the weights are checked where they load (load_model, and the
+    # scripts' up-front checks), not once more for every tokenizer.
     if cfg.tokenizer:
-        check_model_path(key.replace("name_or_path", "tokenizer"), cfg.tokenizer, weights=False)
-    else:
-        check_model_path(key, cfg.name_or_path)
+        key = key.replace("name_or_path", "tokenizer")
+    check_model_path(key, cfg.tokenizer or cfg.name_or_path, weights=False)
     tok = AutoTokenizer.from_pretrained(resolve(cfg.tokenizer or cfg.name_or_path))
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
